@@ -1,0 +1,64 @@
+"""MQTT topic contract: one subtree per device, identity from the client certificate.
+
+The broker ACL (``broker/acl.conf``) mirrors this file: a device reads only its own
+``cmd`` and writes only its own other channels.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from .errors import TopicError
+
+PREFIX = "tillsyn/v1"
+DEVICE_ROOT = f"{PREFIX}/dev"
+VISITS_TOPIC = f"{PREFIX}/fleet/visits"
+
+# Device ids double as certificate CNs and MQTT usernames; the fixed prefix keeps them
+# from ever colliding with the fleet's own identity.
+DEVICE_ID_PATTERN = r"^dev-[a-z0-9][a-z0-9-]{1,60}$"
+_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+FLEET_IDENTITY = "tillsyn-fleet"
+
+
+class Channel(StrEnum):
+    CMD = "cmd"  # fleet -> device, QoS 1, signed tokens
+    STATE = "state"  # retained reported lock state
+    HB = "hb"  # heartbeat
+    STATUS = "status"  # retained online/offline, with Last Will
+    ACK = "ack"  # command results
+    EVENT = "event"  # transitions, looks, faults
+
+
+DEVICE_CHANNELS = frozenset(c for c in Channel if c is not Channel.CMD)
+
+
+def is_device_id(value: str) -> bool:
+    return bool(_DEVICE_ID_RE.fullmatch(value))
+
+
+def device_topic(device_id: str, channel: Channel) -> str:
+    if not is_device_id(device_id):
+        raise TopicError(device_id, "not a valid device id")
+    return f"{DEVICE_ROOT}/{device_id}/{channel.value}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, Channel]:
+    """Split ``tillsyn/v1/dev/{id}/{channel}``; anything else is a TopicError."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != DEVICE_ROOT:
+        raise TopicError(topic, "not a device topic")
+    device_id, channel = parts[3], parts[4]
+    if not is_device_id(device_id):
+        raise TopicError(topic, "not a valid device id")
+    try:
+        return device_id, Channel(channel)
+    except ValueError:
+        raise TopicError(topic, "unknown channel") from None
+
+
+def subscription(channel: Channel, *, shared_group: str | None = None) -> str:
+    """Wildcard filter for one channel of every device, optionally as a shared subscription."""
+    filt = f"{DEVICE_ROOT}/+/{channel.value}"
+    return f"$share/{shared_group}/{filt}" if shared_group else filt
