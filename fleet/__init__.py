@@ -1,0 +1,1 @@
+"""The Tillsyn fleet service: plans windows, signs commands, tracks devices, raises visits."""

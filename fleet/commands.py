@@ -1,0 +1,177 @@
+"""The command ledger: sign, record, send, re-send until acknowledged or moot."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sqlmodel import Session, col, select
+
+from tillsyn_protocol import Ack, AckResult, Channel, CommandKind, SigningKey, device_topic, sign
+from tillsyn_protocol import tokens as tk
+
+from . import audit
+from .metrics import FleetMetrics
+from .models import Command, CommandStatus, Device
+from .outbound import Publish
+
+log = logging.getLogger(__name__)
+
+# Kinds whose newer command makes an older pending one moot (a look is its own thing).
+_LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
+
+
+class Ledger:
+    def __init__(self, key: SigningKey, metrics: FleetMetrics) -> None:
+        self._key = key
+        self._metrics = metrics
+
+    def issue(
+        self,
+        session: Session,
+        device: Device,
+        kind: CommandKind,
+        *,
+        now: float,
+        actor: str = "scheduler",
+        until: int | None = None,
+        staff: str | None = None,
+        max_s: int | None = None,
+        look_id: str | None = None,
+    ) -> Publish:
+        """Sign the next command for a device, record it, and return what to publish."""
+        seq = max(device.next_seq, device.device_last_seq + 1)
+        device.next_seq = seq + 1
+        match kind:
+            case CommandKind.ARM:
+                assert until is not None
+                claims = tk.arm(device.id, seq=seq, now=now, until=until)
+            case CommandKind.DISARM:
+                claims = tk.disarm(device.id, seq=seq, now=now)
+            case CommandKind.LOOK:
+                assert staff is not None and max_s is not None and look_id is not None
+                claims = tk.look(
+                    device.id, seq=seq, now=now, staff=staff, max_s=max_s, look_id=look_id
+                )
+        if kind in _LOCK_KINDS:
+            self._supersede(session, device.id, now)
+        command = Command(
+            jti=claims.jti,
+            device_id=device.id,
+            seq=seq,
+            kind=kind,
+            until=until,
+            look_id=look_id,
+            staff_id=staff,
+            token=sign(claims, self._key),
+            created_at=now,
+            expires_at=float(claims.exp),
+            attempts=1,
+            last_sent_at=now,
+        )
+        session.add(device)
+        session.add(command)
+        audit.append(
+            session,
+            ts=now,
+            actor=actor,
+            action="command.issued",
+            subject=device.id,
+            kind=kind.value,
+            seq=seq,
+            jti=claims.jti,
+            until=until,
+            look_id=look_id,
+        )
+        self._metrics.commands.labels(kind=kind.value, outcome="issued").inc()
+        return self.publish(command, now)
+
+    @staticmethod
+    def publish(command: Command, now: float) -> Publish:
+        expiry = max(1, int(command.expires_at - now))
+        return Publish(
+            device_topic(command.device_id, Channel.CMD),
+            command.token.encode(),
+            qos=1,
+            expiry_s=expiry,
+        )
+
+    def _supersede(self, session: Session, device_id: str, now: float) -> None:
+        stmt = select(Command).where(
+            Command.device_id == device_id,
+            Command.status == CommandStatus.PENDING,
+            col(Command.kind).in_(_LOCK_KINDS),
+        )
+        for old in session.exec(stmt):
+            old.status = CommandStatus.SUPERSEDED
+            old.acked_at = now
+            session.add(old)
+            self._metrics.commands.labels(kind=old.kind.value, outcome="superseded").inc()
+
+    def pending(self, session: Session, device_id: str) -> Sequence[Command]:
+        return session.exec(
+            select(Command).where(
+                Command.device_id == device_id, Command.status == CommandStatus.PENDING
+            )
+        ).all()
+
+    def on_ack(self, session: Session, device: Device, ack: Ack, now: float) -> Command | None:
+        """Settle the command an ack refers to. Unknown or foreign jtis change nothing."""
+        if ack.jti is None:
+            return None
+        command = session.exec(select(Command).where(Command.jti == ack.jti)).first()
+        if command is None or command.device_id != device.id:
+            log.warning("ack for unknown command from device=%s", device.id)
+            self._metrics.ingest_errors.labels(channel="ack", why="unknown_command").inc()
+            return None
+        if ack.result is AckResult.REFUSED:
+            outcome = CommandStatus.REFUSED
+        else:
+            outcome = CommandStatus.APPLIED
+            device.device_last_seq = max(device.device_last_seq, command.seq)
+            session.add(device)
+        if command.status in (
+            CommandStatus.PENDING,
+            CommandStatus.SUPERSEDED,
+            CommandStatus.EXPIRED,
+        ):
+            latency = now - command.created_at
+            command.status = outcome
+            command.reason = ack.reason.value if ack.reason else None
+            command.acked_at = now
+            session.add(command)
+            self._metrics.commands.labels(kind=command.kind.value, outcome=outcome.value).inc()
+            if outcome is CommandStatus.APPLIED:
+                self._metrics.command_latency.labels(kind=command.kind.value).observe(latency)
+            audit.append(
+                session,
+                ts=now,
+                actor=device.id,
+                action="command.acked",
+                subject=device.id,
+                jti=command.jti,
+                seq=command.seq,
+                kind=command.kind.value,
+                result=ack.result.value,
+                reason=command.reason,
+                state=ack.state.value,
+            )
+        return command
+
+    def due(self, session: Session, now: float, resend_after_s: float) -> list[Publish]:
+        """Re-send pending commands not acknowledged in time; expire those past deadline."""
+        out: list[Publish] = []
+        stmt = select(Command).where(Command.status == CommandStatus.PENDING)
+        for command in session.exec(stmt):
+            if command.expires_at <= now:
+                command.status = CommandStatus.EXPIRED
+                self._metrics.commands.labels(kind=command.kind.value, outcome="expired").inc()
+            elif command.last_sent_at is None or now - command.last_sent_at >= resend_after_s:
+                command.attempts += 1
+                command.last_sent_at = now
+                out.append(self.publish(command, now))
+                self._metrics.commands.labels(kind=command.kind.value, outcome="resent").inc()
+            else:
+                continue
+            session.add(command)
+        return out

@@ -1,0 +1,82 @@
+"""Fleet service settings: environment (TILLSYN_*) and an optional TOML file, validated at start."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+
+class FleetSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TILLSYN_", extra="forbid")
+
+    env: Literal["dev", "prod"] = "dev"
+    database_url: str = "sqlite:///var/fleet/fleet.db"
+
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=8883, ge=1, le=65535)
+    ca_file: Path = Path("var/pki/ca.crt")
+    cert_file: Path = Path("var/pki/fleet.crt")
+    key_file: Path = Path("var/pki/fleet.key")
+    mqtt_client_id: str = Field(default="tillsyn-fleet-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$")
+
+    signing_key_file: Path = Path("var/fleet/command-signing-key.pem")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+
+    tz: str = "Europe/Stockholm"
+    offline_after_s: float = Field(default=90.0, gt=0)  # heartbeat silence threshold
+    visit_horizon_s: float = Field(default=7200.0, ge=0)  # raise visits for windows due this soon
+    arm_confirm_s: float = Field(default=60.0, gt=0)  # window start -> armed ack deadline
+    resend_after_s: float = Field(default=10.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    liveness_interval_s: float = Field(default=2.0, gt=0)
+    look_default_s: int = Field(default=60, ge=1, le=600)
+
+    @field_validator("tz")
+    @classmethod
+    def _known_tz(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _safe_in_prod(self) -> FleetSettings:
+        # Dev defaults that are unsafe in production refuse to run there.
+        if self.env == "prod":
+            if self.database_url == "sqlite:///var/fleet/fleet.db":
+                raise ValueError("database_url: set an explicit database for env=prod")
+            if "dev" in self.ca_file.parts or "var" in self.ca_file.parts:
+                raise ValueError("ca_file: the dev PKI must not be used with env=prod")
+        return self
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> FleetSettings:
+    """Settings from TOML (if given), then environment, then explicit overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path}: {exc}") from None
+    data.update(overrides)
+    try:
+        # Init kwargs win over env in pydantic-settings; pass only what the file/overrides set.
+        return FleetSettings(**data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(where, err["msg"]) from None

@@ -1,0 +1,422 @@
+"""The service's database-side operations: synchronous, given ``now``, returning what to publish.
+
+Everything here runs on the service's single database thread, so the event loop never
+blocks on the database and no two operations race on the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy import Engine, func, update
+from sqlmodel import Session, col, select
+
+from tillsyn_protocol import (
+    Ack,
+    AckResult,
+    CameraHealth,
+    CommandKind,
+    Event,
+    EventKind,
+    LockState,
+    SigningKey,
+    StateReport,
+    Status,
+)
+
+from . import audit, visits
+from .commands import Ledger
+from .errors import Conflict, NotFound
+from .liveness import Seen
+from .metrics import FleetMetrics
+from .models import Command, Connectivity, Device, Look, Visit, VisitStatus, Window
+from .outbound import Publish
+from .reconcile import LOCK_GRACE_S, Policy, next_edge, open_window, reconcile_device
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    publish: list[Publish]
+    next_edges: dict[str, float | None]
+
+
+class FleetOps:
+    def __init__(
+        self, engine: Engine, key: SigningKey, metrics: FleetMetrics, policy: Policy
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.policy = policy
+        self.ledger = Ledger(key, metrics)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    def run(self, fn: Callable[[Session], T]) -> T:
+        with self.session() as session:
+            return fn(session)
+
+    def _device(self, session: Session, device_id: str) -> Device:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise NotFound("device", device_id)
+        return device
+
+    # --- reconciliation --------------------------------------------------------------
+
+    def reconcile(self, device_ids: list[str] | None, now: float) -> Reconciled:
+        out: list[Publish] = []
+        edges: dict[str, float | None] = {}
+        with self.session() as session:
+            stmt = select(Device)
+            if device_ids is not None:
+                stmt = stmt.where(col(Device.id).in_(device_ids))
+            for device in session.exec(stmt):
+                out += reconcile_device(
+                    session, self.ledger, self.metrics, self.policy, device, now
+                )
+                windows = session.exec(select(Window).where(Window.device_id == device.id)).all()
+                edges[device.id] = next_edge(windows, now, device)
+        return Reconciled(out, edges)
+
+    def resend(self, now: float, resend_after_s: float) -> list[Publish]:
+        with self.session() as session:
+            return self.ledger.due(session, now, resend_after_s)
+
+    # --- ingest (non-heartbeat) ------------------------------------------------------
+
+    def known_devices(self) -> list[tuple[str, float | None, bool]]:
+        with self.session() as session:
+            rows = session.exec(select(Device.id, Device.last_seen, Device.connectivity)).all()
+            return [(d, seen, c is Connectivity.ONLINE) for d, seen, c in rows]
+
+    def on_status(self, device_id: str, status: Status, now: float) -> list[str]:
+        """Returns the devices to reconcile now."""
+        with self.session() as session:
+            device = self._device(session, device_id)
+            if status.status == "online":
+                device.boot_id = status.boot_id
+                device.firmware = status.fw or device.firmware
+                return self._back_online(session, device, now)
+            return self._gone_offline(session, device, now, "last_will", now)
+
+    def mark_silent(self, silent: list[tuple[str, float]], now: float) -> list[str]:
+        with self.session() as session:
+            out: list[str] = []
+            for device_id, last in silent:
+                device = session.get(Device, device_id)
+                if device is not None:
+                    out += self._gone_offline(session, device, last, "heartbeat_silence", now)
+            return out
+
+    def contact(self, device_id: str, now: float) -> list[str]:
+        """First message from a device the fleet thought was not online."""
+        with self.session() as session:
+            return self._back_online(session, self._device(session, device_id), now)
+
+    def _back_online(self, session: Session, device: Device, now: float) -> list[str]:
+        if device.connectivity is Connectivity.ONLINE:
+            return []
+        was = device.connectivity
+        device.connectivity, device.offline_since, device.last_seen = Connectivity.ONLINE, None, now
+        session.add(device)
+        visits.mark_device_back(session, device.id, now)
+        audit.append(
+            session,
+            ts=now,
+            actor=device.id,
+            action="device.online",
+            subject=device.id,
+            was=was.value,
+        )
+        return [device.id]
+
+    def _gone_offline(
+        self, session: Session, device: Device, since: float, why: str, now: float
+    ) -> list[str]:
+        if device.connectivity is Connectivity.OFFLINE:
+            return []
+        device.connectivity, device.offline_since = Connectivity.OFFLINE, since
+        session.add(device)
+        audit.append(
+            session,
+            ts=now,
+            actor="fleet",
+            action="device.offline",
+            subject=device.id,
+            why=why,
+            since=since,
+        )
+        log.warning("device=%s offline (%s)", device.id, why)
+        return [device.id]
+
+    def on_state(self, device_id: str, report: StateReport, now: float) -> list[str]:
+        with self.session() as session:
+            device = self._device(session, device_id)
+            changed = (device.reported_state, device.armed_until) != (
+                report.state,
+                report.armed_until,
+            )
+            device.reported_state, device.armed_until = report.state, report.armed_until
+            device.reported_at = now
+            device.device_last_seq = max(device.device_last_seq, report.last_seq)
+            device.next_seq = max(device.next_seq, device.device_last_seq + 1)
+            session.add(device)
+            if changed:
+                audit.append(
+                    session,
+                    ts=now,
+                    actor=device_id,
+                    action="device.state",
+                    subject=device_id,
+                    state=report.state.value,
+                    armed_until=report.armed_until,
+                )
+            return [device_id] if changed else []
+
+    def on_ack(self, device_id: str, ack: Ack, now: float) -> list[str]:
+        with self.session() as session:
+            device = self._device(session, device_id)
+            if ack.result is AckResult.REFUSED and ack.reason is not None:
+                self.metrics.refusals.labels(reason=ack.reason.value).inc()
+            command = self.ledger.on_ack(session, device, ack, now)
+            if command is not None and command.kind is CommandKind.LOOK:
+                look = session.get(Look, command.look_id)
+                if look is not None and ack.result is AckResult.REFUSED:
+                    look.end_reason = f"refused:{ack.reason.value if ack.reason else '?'}"[:32]
+                    session.add(look)
+            # A refusal means the desired state was not reached: reconcile decides again.
+            return [device_id] if ack.result is AckResult.REFUSED else []
+
+    def on_event(self, device_id: str, event: Event, now: float) -> list[str]:
+        with self.session() as session:
+            device = self._device(session, device_id)
+            match event.kind:
+                case EventKind.LOOK_STARTED | EventKind.LOOK_ENDED:
+                    self._look_event(session, device, event, now)
+                case EventKind.CAMERA_FAULT | EventKind.CAMERA_RESTORED:
+                    return self._camera(session, device, event, now)
+                case EventKind.TOKEN_REFUSED:
+                    audit.append(
+                        session,
+                        ts=now,
+                        actor=device_id,
+                        action="device.refused",
+                        subject=device_id,
+                        reason=event.reason,
+                    )
+                case EventKind.BOOT | EventKind.STATE_CHANGED:
+                    pass
+            return []
+
+    def _look_event(self, session: Session, device: Device, event: Event, now: float) -> None:
+        look = session.get(Look, event.look_id) if event.look_id else None
+        if look is None or look.device_id != device.id:
+            self.metrics.ingest_errors.labels(channel="event", why="unknown_look").inc()
+            return
+        if event.kind is EventKind.LOOK_STARTED:
+            look.started_at = event.ts
+            action = "look.started"
+        else:
+            look.ended_at, look.duration_s, look.end_reason = (
+                event.ts,
+                event.duration_s,
+                event.reason,
+            )
+            action = "look.ended"
+        session.add(look)
+        audit.append(
+            session,
+            ts=now,
+            actor=look.staff_id,
+            action=action,
+            subject=device.id,
+            look_id=look.id,
+            resident=device.resident_id,
+            duration_s=event.duration_s,
+            reason=event.reason,
+        )
+
+    def _camera(self, session: Session, device: Device, event: Event, now: float) -> list[str]:
+        health = CameraHealth.OK if event.kind is EventKind.CAMERA_RESTORED else CameraHealth.FAULT
+        return self.set_camera(session, device, health, now)
+
+    def set_camera(
+        self, session: Session, device: Device, health: CameraHealth, now: float
+    ) -> list[str]:
+        if device.camera is health:
+            return []
+        device.camera = health
+        session.add(device)
+        audit.append(
+            session,
+            ts=now,
+            actor=device.id,
+            action="device.camera",
+            subject=device.id,
+            camera=health.value,
+        )
+        return [device.id]
+
+    def flush_liveness(self, seen: dict[str, Seen], now: float) -> list[str]:
+        """One batched write of last-seen times; reconcile devices whose camera changed."""
+        if not seen:
+            return []
+        changed: list[str] = []
+        with self.session() as session:
+            for device_id, entry in seen.items():
+                values: dict[str, object] = {"last_seen": entry.at}
+                hb = entry.heartbeat
+                if hb is not None:
+                    values |= {
+                        "firmware": hb.fw,
+                        "clock_synced": hb.clock_synced,
+                        "clock_skew_s": entry.skew_s,
+                    }
+                session.execute(update(Device).where(col(Device.id) == device_id).values(**values))
+                if hb is not None:
+                    device = session.get(Device, device_id)
+                    if device is not None:
+                        changed += self.set_camera(session, device, hb.camera, now)
+        return changed
+
+    # --- API -------------------------------------------------------------------------
+
+    def register_device(self, device: Device, now: float, actor: str) -> Device:
+        with self.session() as session:
+            if session.get(Device, device.id) is not None:
+                raise Conflict(f"device {device.id} already exists")
+            session.add(device)
+            audit.append(
+                session,
+                ts=now,
+                actor=actor,
+                action="device.registered",
+                subject=device.id,
+                kind=device.kind.value,
+            )
+            return device
+
+    def add_window(self, window: Window, now: float, actor: str) -> Window:
+        with self.session() as session:
+            self._device(session, window.device_id)
+            session.add(window)
+            session.flush()
+            audit.append(
+                session,
+                ts=now,
+                actor=actor,
+                action="window.added",
+                subject=window.device_id,
+                window_id=window.id,
+                start=window.start_local,
+                duration_s=window.duration_s,
+            )
+            return window
+
+    def remove_window(self, window_id: int, now: float, actor: str) -> Window:
+        with self.session() as session:
+            window = session.get(Window, window_id)
+            if window is None:
+                raise NotFound("window", window_id)
+            window.active = False
+            session.add(window)
+            audit.append(
+                session,
+                ts=now,
+                actor=actor,
+                action="window.removed",
+                subject=window.device_id,
+                window_id=window_id,
+            )
+            return window
+
+    def start_look(
+        self, device_id: str, staff_id: str, max_s: int, now: float
+    ) -> tuple[Look, Publish]:
+        """Sign a look for a device inside an open window."""
+        with self.session() as session:
+            device = self._device(session, device_id)
+            windows = session.exec(select(Window).where(Window.device_id == device_id)).all()
+            if open_window(windows, now) is None:
+                raise Conflict(f"device {device_id} has no open window")
+            if device.reported_state is not LockState.ARMED:
+                raise Conflict(f"device {device_id} is {device.reported_state.value}, not ARMED")
+            look = Look(
+                id=secrets.token_hex(8), device_id=device_id, staff_id=staff_id, requested_at=now
+            )
+            session.add(look)
+            pub = self.ledger.issue(
+                session,
+                device,
+                CommandKind.LOOK,
+                now=now,
+                actor=staff_id,
+                staff=staff_id,
+                max_s=max_s,
+                look_id=look.id,
+            )
+            audit.append(
+                session,
+                ts=now,
+                actor=staff_id,
+                action="look.requested",
+                subject=device_id,
+                look_id=look.id,
+                resident=device.resident_id,
+                max_s=max_s,
+            )
+            return look, pub
+
+    def close_visit(self, visit_id: int, by: str, outcome: str, now: float) -> Visit:
+        with self.session() as session:
+            return visits.close_visit(session, visit_id, by=by, outcome=outcome, now=now)
+
+    def acknowledge_visit(self, visit_id: int, by: str, now: float) -> Visit:
+        with self.session() as session:
+            return visits.acknowledge_visit(session, visit_id, by=by, now=now)
+
+    # --- gauges ----------------------------------------------------------------------
+
+    def refresh_gauges(self, now: float) -> None:
+        m = self.metrics
+        with self.session() as session:
+            windows: dict[str, list[Window]] = {}
+            for w in session.exec(select(Window).where(col(Window.active))):
+                windows.setdefault(w.device_id, []).append(w)
+            conns = dict.fromkeys(Connectivity, 0)
+            states = dict.fromkeys(LockState, 0)
+            mismatch = past_end = 0
+            for device in session.exec(select(Device)):
+                conns[device.connectivity] += 1
+                states[device.reported_state] += 1
+                want_armed = open_window(windows.get(device.id, []), now) is not None
+                is_armed = device.reported_state is not LockState.LOCKED
+                mismatch += want_armed != is_armed
+                ends = device.armed_until
+                past_end += bool(is_armed and ends and now > ends + LOCK_GRACE_S)
+            for conn, n in conns.items():
+                m.devices.labels(connectivity=conn.value).set(n)
+            for state, n in states.items():
+                m.devices_state.labels(state=state.value).set(n)
+            m.lock_mismatch.set(mismatch)
+            m.armed_past_end.set(past_end)
+            open_visits = session.exec(
+                select(func.count()).select_from(Visit).where(Visit.status != VisitStatus.CLOSED)
+            ).one()
+            m.visits_open.set(open_visits)
+
+    def pending_commands(self, device_id: str) -> list[Command]:
+        with self.session() as session:
+            return list(self.ledger.pending(session, device_id))

@@ -1,0 +1,203 @@
+"""The fleet service: one task group around the MQTT link, the scheduler and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+
+from . import signing
+from .api import create_app
+from .config import FleetSettings
+from .core import FleetOps
+from .db import init_db, make_engine
+from .ingest import Ingest
+from .liveness import Liveness
+from .metrics import FleetMetrics
+from .models import Device, Look, Window
+from .mqtt import MqttLink
+from .outbound import Publish
+from .reconcile import Policy
+from .scheduler import FleetScheduler
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class FleetService:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = FleetMetrics(registry)
+        self.engine = make_engine(settings.database_url)
+        init_db(self.engine)
+        self.key = signing.load_or_create(settings.signing_key_file)
+        policy = Policy(
+            arm_confirm_s=settings.arm_confirm_s, visit_horizon_s=settings.visit_horizon_s
+        )
+        self.ops = FleetOps(self.engine, self.key, self.metrics, policy)
+        self.liveness = Liveness(settings.offline_after_s)
+        # One database thread: the loop never blocks on I/O and writes never race.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fleet-db")
+        self.ingest = Ingest(
+            self.ops,
+            self.liveness,
+            self.metrics,
+            db=self.db,
+            reconcile=self.reconcile,
+            clock=clock,
+        )
+        self.link = MqttLink(settings, self.metrics, self.ingest.handle, self._on_connect)
+        self.scheduler = FleetScheduler(
+            self.metrics,
+            on_edge=self._on_edge,
+            periodic={
+                "sweep": (settings.sweep_interval_s, self._sweep),
+                "liveness": (settings.liveness_interval_s, self._liveness),
+                "resend": (settings.resend_after_s, self._resend),
+            },
+        )
+        self._api: uvicorn.Server | None = None
+        self._stopping = asyncio.Event()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def publish(self, items: list[Publish]) -> None:
+        if items:
+            await self.link.publish(items)
+
+    async def reconcile(self, device_ids: list[str] | None) -> None:
+        result = await self.db(self.ops.reconcile, device_ids, self.clock())
+        await self.publish(result.publish)
+        self.scheduler.set_edges(result.next_edges)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, api: bool = True) -> None:
+        for device_id, last_seen, online in await self.db(self.ops.known_devices):
+            self.ingest.known.add(device_id)
+            # Silence counts from start-up, so a restart never marks the fleet offline.
+            self.liveness.baseline(device_id, max(last_seen or 0, self.clock()), online=online)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.link.run(), name="mqtt-link")]
+                if api:
+                    tasks.append(tg.create_task(self._serve_api(), name="http-api"))
+                self.scheduler.start()
+                tg.create_task(self.reconcile(None), name="startup-reconcile")
+                await self._stopping.wait()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self.scheduler.shutdown()
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self.engine.dispose()
+            log.info("fleet service stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._api is not None:
+            self._api.should_exit = True
+
+    async def _serve_api(self) -> None:
+        config = uvicorn.Config(
+            create_app(self),
+            host=self.settings.api_host,
+            port=self.settings.api_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._api = uvicorn.Server(config)
+        await self._api.serve()
+
+    async def _on_connect(self) -> None:
+        # A (re)connection may have lost in-flight messages either way: resync everything.
+        await self.reconcile(None)
+        await self.publish(await self.db(self.ops.resend, self.clock(), 0.0))
+
+    async def _on_edge(self, device_id: str) -> None:
+        self.metrics.windows.labels(edge="edge").inc()
+        await self.reconcile([device_id])
+
+    async def _sweep(self) -> None:
+        await self.reconcile(None)
+        await self.db(self.ops.refresh_gauges, self.clock())
+
+    async def _resend(self) -> None:
+        await self.publish(
+            await self.db(self.ops.resend, self.clock(), self.settings.resend_after_s)
+        )
+
+    async def _liveness(self) -> None:
+        now = self.clock()
+        self.metrics.scheduler_heartbeat.set(now)
+        for age in self.liveness.ages(now):
+            self.metrics.heartbeat_age.observe(age)
+        touched = await self.db(self.ops.mark_silent, self.liveness.silent(now), now)
+        touched += await self.db(self.ops.flush_liveness, self.liveness.drain(), now)
+        if touched:
+            await self.reconcile(touched)
+
+    async def readiness(self) -> dict[str, bool]:
+        def ping() -> bool:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+
+        try:
+            db_ok = await asyncio.wait_for(self.db(ping), 5)
+        except Exception:  # any failure means not ready
+            db_ok = False
+        return {
+            "database": db_ok,
+            "broker": self.link.connected.is_set(),
+            "scheduler": self.scheduler.running,
+        }
+
+    # --- API operations --------------------------------------------------------------
+
+    async def register_device(self, device: Device) -> Device:
+        created = await self.db(self.ops.register_device, device, self.clock(), "api")
+        self.ingest.known.add(created.id)
+        self.liveness.baseline(created.id, self.clock(), online=False)
+        return created
+
+    async def add_window(self, window: Window) -> Window:
+        created = await self.db(self.ops.add_window, window, self.clock(), "api")
+        await self.reconcile([created.device_id])
+        return created
+
+    async def remove_window(self, window_id: int) -> Window:
+        window = await self.db(self.ops.remove_window, window_id, self.clock(), "api")
+        await self.reconcile([window.device_id])
+        return window
+
+    async def start_look(self, device_id: str, staff_id: str, max_s: int | None) -> Look:
+        cap = max_s or self.settings.look_default_s
+        look, pub = await self.db(self.ops.start_look, device_id, staff_id, cap, self.clock())
+        await self.publish([pub])
+        return look
+
+    def device_json(self, device: Device) -> dict[str, Any]:
+        data = device.model_dump(mode="json")
+        data["online_in_memory"] = self.liveness.is_online(device.id)
+        return data

@@ -1,0 +1,1 @@
+"""The single ``tillsyn`` command line: one subcommand group per job."""

@@ -1,0 +1,3 @@
+from tillsyn_cli.main import main
+
+main()
