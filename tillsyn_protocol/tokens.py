@@ -87,28 +87,57 @@ def arm(
     """Arm until the window's end; deliverable until then and not after."""
     t = int(now)
     return CommandClaims(
-        aud=device_id, jti=jti or new_jti(), seq=seq, iat=t, nbf=t, exp=until,
-        cmd=CommandKind.ARM, until=until,
-    )  # fmt: skip
+        aud=device_id,
+        jti=jti or new_jti(),
+        seq=seq,
+        iat=t,
+        nbf=t,
+        exp=until,
+        cmd=CommandKind.ARM,
+        until=until,
+    )
 
 
-def disarm(device_id: str, *, seq: int, now: float, ttl_s: int = 6 * 3600,
-           jti: str | None = None) -> CommandClaims:  # fmt: skip
+def disarm(
+    device_id: str, *, seq: int, now: float, ttl_s: int = 6 * 3600, jti: str | None = None
+) -> CommandClaims:
     t = int(now)
     return CommandClaims(
-        aud=device_id, jti=jti or new_jti(), seq=seq, iat=t, nbf=t, exp=t + ttl_s,
+        aud=device_id,
+        jti=jti or new_jti(),
+        seq=seq,
+        iat=t,
+        nbf=t,
+        exp=t + ttl_s,
         cmd=CommandKind.DISARM,
-    )  # fmt: skip
+    )
 
 
-def look(device_id: str, *, seq: int, now: float, staff: str, max_s: int, look_id: str,
-         ttl_s: int = 30, jti: str | None = None) -> CommandClaims:  # fmt: skip
+def look(
+    device_id: str,
+    *,
+    seq: int,
+    now: float,
+    staff: str,
+    max_s: int,
+    look_id: str,
+    ttl_s: int = 30,
+    jti: str | None = None,
+) -> CommandClaims:
     """A look must start promptly or not at all: its delivery deadline is short."""
     t = int(now)
     return CommandClaims(
-        aud=device_id, jti=jti or new_jti(), seq=seq, iat=t, nbf=t, exp=t + ttl_s,
-        cmd=CommandKind.LOOK, staff=staff, max_s=max_s, look=look_id,
-    )  # fmt: skip
+        aud=device_id,
+        jti=jti or new_jti(),
+        seq=seq,
+        iat=t,
+        nbf=t,
+        exp=t + ttl_s,
+        cmd=CommandKind.LOOK,
+        staff=staff,
+        max_s=max_s,
+        look=look_id,
+    )
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -193,9 +222,14 @@ def verify(
             text,
             keys[kid],
             algorithms=[ALGORITHM],
-            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
-                     "verify_aud": False, "verify_iss": False},
-        )  # fmt: skip
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
     except jwt.InvalidSignatureError:
         raise TokenError(RefusalReason.BAD_SIGNATURE) from None
     except jwt.PyJWTError:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install what is missing, idempotently: Debian packages (Mosquitto, venv), then the
+# project and its pinned Python dependencies into .venv. Safe to run again and again.
+#   scripts/setup.sh          what running the stack needs
+#   scripts/setup.sh --test   also what the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pkgs=()
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || pkgs+=(mosquitto)
+python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${pkgs[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+if [ "$want_test" -eq 1 ]; then
+  # The machine's PostgreSQL is used by the database tests: start it if it is down.
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    pg_lsclusters -h | while read -r ver cluster _port status _rest; do
+      if [ "$status" != "online" ]; then
+        echo "setup: starting PostgreSQL $ver/$cluster"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$cluster" start || true
+      fi
+    done
+  fi
+fi
