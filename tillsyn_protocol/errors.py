@@ -29,6 +29,7 @@ class RefusalReason(StrEnum):
     WRONG_STATE = "wrong_state"
     CLOCK_UNSYNCED = "clock_unsynced"
     CAMERA_FAULT = "camera_fault"
+    STORE_FAILED = "store_failed"  # the device could not persist the sequence number
 
 
 class ProtocolError(Exception):

@@ -193,6 +193,13 @@ class DeviceMachine:
             actions.append(self._set(LockState.ARMED, now, "camera_fault"))
         return actions
 
+    def lock(self, now: Clock, reason: str) -> list[Action]:
+        """Lock from outside the token rules (the shell could not persist, is stopping...).
+
+        Only ever towards safety: it can end a look and a window, never start one.
+        """
+        return self._lock(now, reason)
+
     def camera_restored(self) -> None:
         self._camera_ok = True
 

@@ -19,7 +19,8 @@ MAX_TOKEN_BYTES = 2048
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN, max_length=64)]
 StaffId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-ShortId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+SHORT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ShortId = Annotated[str, StringConstraints(pattern=SHORT_ID_PATTERN)]
 Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+_-]{1,32}$")]
 Epoch = Annotated[float, Field(ge=0, le=4_102_444_800)]  # up to year 2100
 Seq = Annotated[int, Field(ge=0, le=2**53)]
@@ -66,7 +67,8 @@ class EventKind(StrEnum):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, str_max_length=128)
+    # Strict: "5" is not a number and 1 is not a bool. JSON strings still parse as enums.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, str_max_length=128)
 
     v: Literal[1] = 1
     ts: Epoch
@@ -98,9 +100,10 @@ class StateReport(_Message):
 
 
 class Ack(_Message):
-    jti: ShortId | None
-    seq: Seq | None
-    cmd: CommandKind | None
+    # None when the refused token was too broken to label (encode() omits Nones).
+    jti: ShortId | None = None
+    seq: Seq | None = None
+    cmd: CommandKind | None = None
     result: AckResult
     reason: RefusalReason | None = None
     state: LockState

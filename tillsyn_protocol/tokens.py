@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from .errors import RefusalReason, TokenError
-from .messages import MAX_TOKEN_BYTES, CommandKind, DeviceId, ShortId, StaffId
+from .messages import (
+    MAX_TOKEN_BYTES,
+    SHORT_ID_PATTERN,
+    CommandKind,
+    DeviceId,
+    ShortId,
+    StaffId,
+)
 
 ISSUER = "tillsyn-fleet"
 TOKEN_TYPE = "tillsyn-cmd+jwt"
@@ -30,6 +38,9 @@ MAX_LIFETIME_S = 24 * 3600
 MAX_LOOK_S = 600
 # Tolerated fleet-ahead-of-device skew for nbf/iat only; expiry gets no leeway (fail closed).
 NBF_LEEWAY_S = 5
+
+_SHORT_ID = re.compile(SHORT_ID_PATTERN)
+_KINDS = frozenset(c.value for c in CommandKind)
 
 IntEpoch = Annotated[StrictInt, Field(ge=0, le=4_102_444_800)]
 
@@ -228,12 +239,16 @@ def verify(
                 "verify_iat": False,
                 "verify_aud": False,
                 "verify_iss": False,
+                "verify_jti": False,
+                "verify_sub": False,
             },
         )
     except jwt.InvalidSignatureError:
         raise TokenError(RefusalReason.BAD_SIGNATURE) from None
     except jwt.PyJWTError:
         raise TokenError(RefusalReason.MALFORMED, "undecodable payload") from None
+    if payload.get("iss") != ISSUER:  # required on the wire although the model defaults it
+        raise TokenError(RefusalReason.WRONG_ISSUER)
     try:
         claims = CommandClaims.model_validate(payload)
     except ValidationError as exc:
@@ -261,9 +276,10 @@ def peek_ids(token: str | bytes) -> tuple[str | None, int | None, CommandKind | 
     except (UnicodeDecodeError, jwt.PyJWTError):
         return None, None, None
     jti, seq, cmd = raw.get("jti"), raw.get("seq"), raw.get("cmd")
-    ok_jti = jti if isinstance(jti, str) and jti.isalnum() and len(jti) <= 64 else None
+    # Unverified input of any JSON type: only well-formed values are echoed back.
+    ok_jti = jti if isinstance(jti, str) and _SHORT_ID.fullmatch(jti) else None
     ok_seq = (
         seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= 2**53 else None
     )
-    ok_cmd = CommandKind(cmd) if cmd in {c.value for c in CommandKind} else None
+    ok_cmd = CommandKind(cmd) if isinstance(cmd, str) and cmd in _KINDS else None
     return ok_jti, ok_seq, ok_cmd

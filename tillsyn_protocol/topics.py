@@ -17,7 +17,7 @@ VISITS_TOPIC = f"{PREFIX}/fleet/visits"
 
 # Device ids double as certificate CNs and MQTT usernames; the fixed prefix keeps them
 # from ever colliding with the fleet's own identity.
-DEVICE_ID_PATTERN = r"^dev-[a-z0-9][a-z0-9-]{1,60}$"
+DEVICE_ID_PATTERN = r"^dev-[a-z0-9][a-z0-9-]{1,59}$"  # at most 64 characters
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 FLEET_IDENTITY = "tillsyn-fleet"
 

@@ -52,7 +52,8 @@ def occurrences_between(
 ) -> Iterator[Occurrence]:
     """Windows overlapping [start, end), in time order. ``weekdays``: 0 = Monday."""
     agreed = sorted(set(times))
-    first = start.astimezone(tz).date() - timedelta(days=1 + length.days)
+    # One extra day back: a long window that crosses a DST change spans one more local day.
+    first = start.astimezone(tz).date() - timedelta(days=2 + length.days)
     last = end.astimezone(tz).date() + timedelta(days=1)
     found: list[Occurrence] = []
     day = first
