@@ -68,6 +68,7 @@ class VisitAck(_Body):
 def create_app(service: FleetService) -> FastAPI:
     app = FastAPI(title="Tillsyn Fleet", version="0.1.0")
     ops = service.ops
+    app.state.authenticate = service.authenticate
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:

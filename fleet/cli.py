@@ -6,11 +6,14 @@ import asyncio
 import json
 import os
 import signal
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
+
+from tillsyn_protocol.windows import STOCKHOLM
 
 from .config import load_settings
 from .errors import FleetError
@@ -80,19 +83,26 @@ def _call(method: str, path: str, **kwargs: Any) -> Any:
     return resp.json()
 
 
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if column.endswith("_at") and isinstance(value, int | float):
+        return datetime.fromtimestamp(value, STOCKHOLM).strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
 def _show(rows: Any, as_json: bool, columns: list[str]) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    items = rows if isinstance(rows, list) else [rows]
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in items]) for c in columns}
+    items = [
+        {c: _cell(c, r.get(c)) for c in columns}
+        for r in (rows if isinstance(rows, list) else [rows])
+    ]
+    widths = {c: max([len(c)] + [len(r[c]) for r in items]) for c in columns}
     click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in items:
-        click.echo(
-            "  ".join(
-                str(r.get(c, "") if r.get(c) is not None else "-").ljust(widths[c]) for c in columns
-            )
-        )
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in columns))
 
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

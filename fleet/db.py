@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlmodel import SQLModel, create_engine
 
-from . import models  # noqa: F401  (registers the tables)
+from . import auth, models  # noqa: F401  (registers the tables)
 
 
 def make_engine(url: str) -> Engine:

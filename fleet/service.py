@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import uvicorn
+from fastapi import Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from . import signing
+from . import auth, signing
 from .api import create_app
+from .auth import Principal
 from .config import FleetSettings
 from .core import FleetOps
 from .db import init_db, make_engine
@@ -196,6 +198,14 @@ class FleetService:
         look, pub = await self.db(self.ops.start_look, device_id, staff_id, cap, self.clock())
         await self.publish([pub])
         return look
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        """Bearer API token -> principal (interactive sessions plug in here too)."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return await self.db(self.ops.run, lambda s: auth.principal_for_token(s, token.strip()))
 
     def device_json(self, device: Device) -> dict[str, Any]:
         data = device.model_dump(mode="json")

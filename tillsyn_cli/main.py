@@ -12,6 +12,7 @@ import click
 from broker.cli import broker, pki
 from firmware_agent.cli import agent
 from fleet.cli import commands, devices, fleet, look, visits, windows
+from fleet.cli_staff import staff
 
 from . import logs
 from .devstack import dev
@@ -27,7 +28,7 @@ def cli(verbose: int, json_logs: bool | None) -> None:
     logs.setup(verbose, json_lines=not sys.stderr.isatty() if json_logs is None else json_logs)
 
 
-for group in (fleet, agent, pki, broker, dev, devices, windows, visits, commands, look):
+for group in (fleet, agent, pki, broker, dev, devices, windows, visits, commands, look, staff):
     cli.add_command(group)
 
 
