@@ -11,8 +11,16 @@ want_test=0
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# Debian packages: "command-to-look-for:package". Test-only tools go in TEST_PKGS.
+RUN_PKGS=(mosquitto:mosquitto)
+TEST_PKGS=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 pkgs=()
-[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || pkgs+=(mosquitto)
+wanted=("${RUN_PKGS[@]}")
+[ "$want_test" -eq 1 ] && wanted+=("${TEST_PKGS[@]}")
+for entry in "${wanted[@]}"; do
+  have "${entry%%:*}" || pkgs+=("${entry#*:}")
+done
 python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
 if [ "${#pkgs[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${pkgs[*]}"
