@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +74,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> FleetSettings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path}: {exc}") from None
     data.update(overrides)
+    # Docker secrets: one file per setting (e.g. /run/secrets/tillsyn_database_url).
+    secrets_dir = os.environ.get("TILLSYN_SECRETS_DIR")
+    if secrets_dir:
+        data.setdefault("_secrets_dir", secrets_dir)
     try:
         # Init kwargs win over env in pydantic-settings; pass only what the file/overrides set.
         return FleetSettings(**data)
