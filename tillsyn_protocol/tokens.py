@@ -14,7 +14,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -92,36 +92,34 @@ def new_jti() -> str:
     return secrets.token_hex(16)
 
 
+def _claims(
+    device_id: str,
+    kind: CommandKind,
+    *,
+    seq: int,
+    now: float,
+    exp: int,
+    jti: str | None,
+    **args: Any,
+) -> CommandClaims:
+    t = int(now)
+    return CommandClaims(
+        aud=device_id, jti=jti or new_jti(), seq=seq, iat=t, nbf=t, exp=exp, cmd=kind, **args
+    )
+
+
 def arm(
     device_id: str, *, seq: int, now: float, until: int, jti: str | None = None
 ) -> CommandClaims:
     """Arm until the window's end; deliverable until then and not after."""
-    t = int(now)
-    return CommandClaims(
-        aud=device_id,
-        jti=jti or new_jti(),
-        seq=seq,
-        iat=t,
-        nbf=t,
-        exp=until,
-        cmd=CommandKind.ARM,
-        until=until,
-    )
+    return _claims(device_id, CommandKind.ARM, seq=seq, now=now, exp=until, jti=jti, until=until)
 
 
 def disarm(
     device_id: str, *, seq: int, now: float, ttl_s: int = 6 * 3600, jti: str | None = None
 ) -> CommandClaims:
-    t = int(now)
-    return CommandClaims(
-        aud=device_id,
-        jti=jti or new_jti(),
-        seq=seq,
-        iat=t,
-        nbf=t,
-        exp=t + ttl_s,
-        cmd=CommandKind.DISARM,
-    )
+    """Disarm is always safe, so it stays deliverable for hours."""
+    return _claims(device_id, CommandKind.DISARM, seq=seq, now=now, exp=int(now) + ttl_s, jti=jti)
 
 
 def look(
@@ -136,15 +134,13 @@ def look(
     jti: str | None = None,
 ) -> CommandClaims:
     """A look must start promptly or not at all: its delivery deadline is short."""
-    t = int(now)
-    return CommandClaims(
-        aud=device_id,
-        jti=jti or new_jti(),
+    return _claims(
+        device_id,
+        CommandKind.LOOK,
         seq=seq,
-        iat=t,
-        nbf=t,
-        exp=t + ttl_s,
-        cmd=CommandKind.LOOK,
+        now=now,
+        exp=int(now) + ttl_s,
+        jti=jti,
         staff=staff,
         max_s=max_s,
         look=look_id,
