@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from tillsyn_protocol import (
@@ -29,14 +29,14 @@ from tillsyn_protocol import (
     Status,
 )
 
-from . import audit, visits
+from . import audit, checks, gauges, visits
 from .commands import Ledger
 from .errors import Conflict, NotFound
 from .liveness import Seen
-from .metrics import FleetMetrics
-from .models import Command, Connectivity, Device, Look, Visit, VisitStatus, Window
+from .metrics import UNLABELLED_REFUSAL, FleetMetrics
+from .models import Command, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
-from .reconcile import LOCK_GRACE_S, Policy, next_edge, open_window, reconcile_device
+from .reconcile import Policy, device_spans, next_edge_for, open_span, reconcile_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,7 @@ class FleetOps:
         self.metrics = metrics
         self.policy = policy
         self.ledger = Ledger(key, metrics)
+        self._gauge_labels: dict[str, set[str]] = {}  # label values exported, between sweeps
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -80,15 +81,21 @@ class FleetOps:
         edges: dict[str, float | None] = {}
         with self.session() as session:
             stmt = select(Device)
-            if device_ids is not None:
+            if device_ids is None:  # a full pass also rolls care-plan checks forward
+                out += checks.ensure_synced(session, self.check_ctx, now)
+            else:
                 stmt = stmt.where(col(Device.id).in_(device_ids))
             for device in session.exec(stmt):
                 out += reconcile_device(
                     session, self.ledger, self.metrics, self.policy, device, now
                 )
                 windows = session.exec(select(Window).where(Window.device_id == device.id)).all()
-                edges[device.id] = next_edge(windows, now, device)
+                edges[device.id] = next_edge_for(session, device, windows, now, self.policy)
         return Reconciled(out, edges)
+
+    @property
+    def check_ctx(self) -> checks.Ctx:
+        return checks.Ctx(self.metrics, self.policy.preflight_s)
 
     def resend(self, now: float, resend_after_s: float) -> list[Publish]:
         with self.session() as session:
@@ -96,10 +103,14 @@ class FleetOps:
 
     # --- ingest (non-heartbeat) ------------------------------------------------------
 
-    def known_devices(self) -> list[tuple[str, float | None, bool]]:
+    def known_devices(self) -> list[tuple[str, float | None, bool, CameraHealth | None]]:
         with self.session() as session:
-            rows = session.exec(select(Device.id, Device.last_seen, Device.connectivity)).all()
-            return [(d, seen, c is Connectivity.ONLINE) for d, seen, c in rows]
+            stmt = select(Device.id, Device.last_seen, Device.connectivity, Device.camera)
+            rows = session.exec(stmt).all()
+            return [
+                (d, seen, c == Connectivity.ONLINE, CameraHealth(cam) if cam else None)
+                for d, seen, c, cam in rows
+            ]
 
     def on_status(self, device_id: str, status: Status, now: float) -> list[str]:
         """Returns the devices to reconcile now."""
@@ -149,6 +160,7 @@ class FleetOps:
             return []
         device.connectivity, device.offline_since = Connectivity.OFFLINE, since
         session.add(device)
+        self.metrics.device_disconnects.labels(why=why).inc()
         audit.append(
             session,
             ts=now,
@@ -164,6 +176,8 @@ class FleetOps:
     def on_state(self, device_id: str, report: StateReport, now: float) -> list[str]:
         with self.session() as session:
             device = self._device(session, device_id)
+            if device.reported_state is not LockState.LOCKED and report.state is LockState.LOCKED:
+                self.metrics.windows.labels(event="closed").inc()
             changed = (device.reported_state, device.armed_until) != (
                 report.state,
                 report.armed_until,
@@ -188,8 +202,9 @@ class FleetOps:
     def on_ack(self, device_id: str, ack: Ack, now: float) -> list[str]:
         with self.session() as session:
             device = self._device(session, device_id)
-            if ack.result is AckResult.REFUSED and ack.reason is not None:
-                self.metrics.refusals.labels(reason=ack.reason.value).inc()
+            if ack.result is AckResult.REFUSED:
+                reason = ack.reason.value if ack.reason else UNLABELLED_REFUSAL
+                self.metrics.refusals.labels(reason=reason).inc()
             command = self.ledger.on_ack(session, device, ack, now)
             if command is not None and command.kind is CommandKind.LOOK:
                 look = session.get(Look, command.look_id)
@@ -269,26 +284,32 @@ class FleetOps:
         )
         return [device.id]
 
-    def flush_liveness(self, seen: dict[str, Seen], now: float) -> list[str]:
+    def flush_liveness(
+        self, seen: dict[str, Seen], camera: dict[str, CameraHealth], now: float
+    ) -> list[str]:
         """One batched write of last-seen times; reconcile devices whose camera changed."""
-        if not seen:
-            return []
+        plain = [{"id": d, "last_seen": e.at} for d, e in seen.items() if e.heartbeat is None]
+        full = [
+            {
+                "id": d,
+                "last_seen": e.at,
+                "firmware": e.heartbeat.fw,
+                "clock_synced": e.heartbeat.clock_synced,
+                "clock_skew_s": e.skew_s,
+            }
+            for d, e in seen.items()
+            if e.heartbeat is not None
+        ]
         changed: list[str] = []
         with self.session() as session:
-            for device_id, entry in seen.items():
-                values: dict[str, object] = {"last_seen": entry.at}
-                hb = entry.heartbeat
-                if hb is not None:
-                    values |= {
-                        "firmware": hb.fw,
-                        "clock_synced": hb.clock_synced,
-                        "clock_skew_s": entry.skew_s,
-                    }
-                session.execute(update(Device).where(col(Device.id) == device_id).values(**values))
-                if hb is not None:
-                    device = session.get(Device, device_id)
-                    if device is not None:
-                        changed += self.set_camera(session, device, hb.camera, now)
+            # ORM bulk UPDATE by primary key: one executemany per shape, no per-row query.
+            for rows in (plain, full):
+                if rows:
+                    session.execute(update(Device), rows)
+            for device_id, health in camera.items():
+                device = session.get(Device, device_id)
+                if device is not None:
+                    changed += self.set_camera(session, device, health, now)
         return changed
 
     # --- API -------------------------------------------------------------------------
@@ -348,36 +369,47 @@ class FleetOps:
         """Sign a look for a device inside an open window."""
         with self.session() as session:
             device = self._device(session, device_id)
-            windows = session.exec(select(Window).where(Window.device_id == device_id)).all()
-            if open_window(windows, now) is None:
-                raise Conflict(f"device {device_id} has no open window")
-            if device.reported_state is not LockState.ARMED:
-                raise Conflict(f"device {device_id} is {device.reported_state.value}, not ARMED")
-            look = Look(
-                id=secrets.token_hex(8), device_id=device_id, staff_id=staff_id, requested_at=now
-            )
-            session.add(look)
-            pub = self.ledger.issue(
-                session,
-                device,
-                CommandKind.LOOK,
-                now=now,
-                actor=staff_id,
-                staff=staff_id,
-                max_s=max_s,
-                look_id=look.id,
-            )
-            audit.append(
-                session,
-                ts=now,
-                actor=staff_id,
-                action="look.requested",
-                subject=device_id,
-                look_id=look.id,
-                resident=device.resident_id,
-                max_s=max_s,
-            )
-            return look, pub
+            return self.start_look_in(session, device, staff_id, max_s, now)
+
+    def start_look_in(
+        self, session: Session, device: Device, staff_id: str, max_s: int, now: float
+    ) -> tuple[Look, Publish]:
+        """The look itself, in the caller's transaction (also used by care-plan checks)."""
+        device_id = device.id
+        windows = session.exec(select(Window).where(Window.device_id == device_id)).all()
+        span = open_span(device_spans(session, device_id, windows, now - 1, now + 1), now)
+        if span is None:
+            raise Conflict(f"device {device_id} has no open window")
+        if device.reported_state is not LockState.ARMED:
+            raise Conflict(f"device {device_id} is {device.reported_state.value}, not ARMED")
+        look = Look(
+            id=secrets.token_hex(8), device_id=device_id, staff_id=staff_id, requested_at=now
+        )
+        session.add(look)
+        pub = self.ledger.issue(
+            session,
+            device,
+            CommandKind.LOOK,
+            now=now,
+            actor=staff_id,
+            staff=staff_id,
+            max_s=max_s,
+            look_id=look.id,
+        )
+        audit.append(
+            session,
+            ts=now,
+            actor=staff_id,
+            action="look.requested",
+            subject=device_id,
+            look_id=look.id,
+            resident=device.resident_id,
+            max_s=max_s,
+            check_id=span.checks[0].id if span.checks else None,
+        )
+        if span.checks:  # the look belongs to the check whose window is open
+            checks.note_look(session, span.checks[0], look.id, now)
+        return look, pub
 
     def close_visit(self, visit_id: int, by: str, outcome: str, now: float) -> Visit:
         with self.session() as session:
@@ -390,32 +422,8 @@ class FleetOps:
     # --- gauges ----------------------------------------------------------------------
 
     def refresh_gauges(self, now: float) -> None:
-        m = self.metrics
         with self.session() as session:
-            windows: dict[str, list[Window]] = {}
-            for w in session.exec(select(Window).where(col(Window.active))):
-                windows.setdefault(w.device_id, []).append(w)
-            conns = dict.fromkeys(Connectivity, 0)
-            states = dict.fromkeys(LockState, 0)
-            mismatch = past_end = 0
-            for device in session.exec(select(Device)):
-                conns[device.connectivity] += 1
-                states[device.reported_state] += 1
-                want_armed = open_window(windows.get(device.id, []), now) is not None
-                is_armed = device.reported_state is not LockState.LOCKED
-                mismatch += want_armed != is_armed
-                ends = device.armed_until
-                past_end += bool(is_armed and ends and now > ends + LOCK_GRACE_S)
-            for conn, n in conns.items():
-                m.devices.labels(connectivity=conn.value).set(n)
-            for state, n in states.items():
-                m.devices_state.labels(state=state.value).set(n)
-            m.lock_mismatch.set(mismatch)
-            m.armed_past_end.set(past_end)
-            open_visits = session.exec(
-                select(func.count()).select_from(Visit).where(Visit.status != VisitStatus.CLOSED)
-            ).one()
-            m.visits_open.set(open_visits)
+            gauges.refresh(session, self.metrics, now, self._gauge_labels)
 
     def pending_commands(self, device_id: str) -> list[Command]:
         with self.session() as session:

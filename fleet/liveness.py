@@ -27,10 +27,15 @@ class Liveness:
     _seen: dict[str, Seen] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _online: set[str] = field(default_factory=set)
+    _camera: dict[str, CameraHealth | None] = field(default_factory=dict)
+    _camera_changed: dict[str, CameraHealth] = field(default_factory=dict)
 
-    def baseline(self, device_id: str, at: float, *, online: bool) -> None:
+    def baseline(
+        self, device_id: str, at: float, *, online: bool, camera: CameraHealth | None = None
+    ) -> None:
         """Seed from the database at start-up: silence counts from ``at``, not from zero."""
         self._seen[device_id] = Seen(at)
+        self._camera[device_id] = camera
         if online:
             self._online.add(device_id)
 
@@ -43,10 +48,18 @@ class Liveness:
         if heartbeat is not None:
             entry.heartbeat = heartbeat
             entry.skew_s = round(heartbeat.ts - now, 3)
+            if self._camera.get(device_id) is not heartbeat.camera:
+                self._camera[device_id] = heartbeat.camera
+                self._camera_changed[device_id] = heartbeat.camera
         self._dirty.add(device_id)
         was_offline = device_id not in self._online
         self._online.add(device_id)
         return was_offline
+
+    def clock_stepped(self, delta: float) -> None:
+        """The fleet clock jumped by ``delta``: silence is elapsed time, so move contacts too."""
+        for entry in self._seen.values():
+            entry.at += delta
 
     def gone(self, device_id: str) -> None:
         self._online.discard(device_id)
@@ -68,9 +81,10 @@ class Liveness:
         self._dirty.clear()
         return out
 
-    def camera(self, device_id: str) -> CameraHealth | None:
-        entry = self._seen.get(device_id)
-        return entry.heartbeat.camera if entry and entry.heartbeat else None
+    def drain_camera(self) -> dict[str, CameraHealth]:
+        """Camera health changes since the last drain: only these need a database read."""
+        out, self._camera_changed = self._camera_changed, {}
+        return out
 
     def ages(self, now: float) -> list[float]:
         return [now - s.at for d, s in self._seen.items() if d in self._online]

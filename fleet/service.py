@@ -15,18 +15,21 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from . import auth, signing
+from . import accounts, auth, sessions, signing
 from .api import create_app
 from .auth import Principal
 from .config import FleetSettings
 from .core import FleetOps
 from .db import init_db, make_engine
+from .gauges import CertificateWatch
 from .ingest import Ingest
 from .liveness import Liveness
 from .metrics import FleetMetrics
 from .models import Device, Look, Window
 from .mqtt import MqttLink
 from .outbound import Publish
+from .pairing import Pairing
+from .plan_service import PlanRuntime
 from .reconcile import Policy
 from .scheduler import FleetScheduler
 
@@ -45,11 +48,17 @@ class FleetService:
         self.settings = settings
         self.clock = clock
         self.metrics = FleetMetrics(registry)
+        self.certs = CertificateWatch(
+            self.metrics, ca_file=settings.ca_file, cert_file=settings.cert_file
+        )
         self.engine = make_engine(settings.database_url)
         init_db(self.engine)
         self.key = signing.load_or_create(settings.signing_key_file)
+        self.totp_box = accounts.SecretBox.load_or_create(settings.totp_key_path())
         policy = Policy(
-            arm_confirm_s=settings.arm_confirm_s, visit_horizon_s=settings.visit_horizon_s
+            arm_confirm_s=settings.arm_confirm_s,
+            visit_horizon_s=settings.visit_horizon_s,
+            preflight_s=settings.preflight_s,
         )
         self.ops = FleetOps(self.engine, self.key, self.metrics, policy)
         self.liveness = Liveness(settings.offline_after_s)
@@ -72,7 +81,13 @@ class FleetService:
                 "liveness": (settings.liveness_interval_s, self._liveness),
                 "resend": (settings.resend_after_s, self._resend),
             },
+            clock=clock,
+            on_missed=self._on_missed,
         )
+        # Care plans: scheduler leadership, outbox sender, coverage (fleet/plan_service.py).
+        self.plans = PlanRuntime(self)
+        # Pairing, device certificates, equipment lifecycle (fleet/pairing.py); needs the CA.
+        self.pairing: Pairing | None = Pairing(self) if settings.pairing.enabled else None
         self._api: uvicorn.Server | None = None
         self._stopping = asyncio.Event()
 
@@ -87,6 +102,8 @@ class FleetService:
             await self.link.publish(items)
 
     async def reconcile(self, device_ids: list[str] | None) -> None:
+        if not self.plans.leader:
+            return  # only the scheduler leader issues lock commands; its sweep covers this
         result = await self.db(self.ops.reconcile, device_ids, self.clock())
         await self.publish(result.publish)
         self.scheduler.set_edges(result.next_edges)
@@ -94,22 +111,29 @@ class FleetService:
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self, *, api: bool = True) -> None:
-        for device_id, last_seen, online in await self.db(self.ops.known_devices):
+        for device_id, last_seen, online, camera in await self.db(self.ops.known_devices):
             self.ingest.known.add(device_id)
             # Silence counts from start-up, so a restart never marks the fleet offline.
-            self.liveness.baseline(device_id, max(last_seen or 0, self.clock()), online=online)
+            at = max(last_seen or 0, self.clock())
+            self.liveness.baseline(device_id, at, online=online, camera=camera)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.link.run(), name="mqtt-link")]
                 if api:
                     tasks.append(tg.create_task(self._serve_api(), name="http-api"))
-                self.scheduler.start()
-                tg.create_task(self.reconcile(None), name="startup-reconcile")
+                # Paused until this replica holds the scheduler lock; the leadership
+                # task then resumes it and reconciles everything (start-up reconcile).
+                self.scheduler.start(paused=True)
+                tasks.append(tg.create_task(self.plans.run(), name="scheduler-leadership"))
+                if self.pairing is not None:
+                    tasks.append(tg.create_task(self.pairing.run(), name="pairing"))
                 await self._stopping.wait()
                 for task in tasks:
                     task.cancel()
         finally:
             self.scheduler.shutdown()
+            await self.plans.stop()
+            self.plans.release()
             self._executor.shutdown(wait=True, cancel_futures=True)
             self.engine.dispose()
             log.info("fleet service stopped")
@@ -137,12 +161,21 @@ class FleetService:
         await self.publish(await self.db(self.ops.resend, self.clock(), 0.0))
 
     async def _on_edge(self, device_id: str) -> None:
-        self.metrics.windows.labels(edge="edge").inc()
         await self.reconcile([device_id])
+
+    def _on_missed(self, job_id: str) -> None:
+        """A job that did not run at its time: reconcile now what it would have."""
+        device = job_id.removeprefix("edge:") if job_id.startswith("edge:") else None
+        asyncio.get_running_loop().create_task(
+            self.reconcile([device] if device else None), name=f"repair-{job_id}"[:60]
+        )
 
     async def _sweep(self) -> None:
         await self.reconcile(None)
+        await self.plans.on_sweep(self.clock())
         await self.db(self.ops.refresh_gauges, self.clock())
+        self.metrics.scheduler_jobs.set(self.scheduler.job_count)
+        await asyncio.to_thread(self.certs.refresh, self.clock())
 
     async def _resend(self) -> None:
         await self.publish(
@@ -150,12 +183,19 @@ class FleetService:
         )
 
     async def _liveness(self) -> None:
+        if step := self.plans.clock_step():
+            self.liveness.clock_stepped(step)  # silence is elapsed time, not a clock jump
+            await self.reconcile(None)  # re-plans every edge on the scheduler's clock
         now = self.clock()
         self.metrics.scheduler_heartbeat.set(now)
-        for age in self.liveness.ages(now):
+        ages = self.liveness.ages(now)
+        for age in ages:
             self.metrics.heartbeat_age.observe(age)
+        self.metrics.heartbeat_age_max.set(max(ages, default=0.0))
         touched = await self.db(self.ops.mark_silent, self.liveness.silent(now), now)
-        touched += await self.db(self.ops.flush_liveness, self.liveness.drain(), now)
+        touched += await self.db(
+            self.ops.flush_liveness, self.liveness.drain(), self.liveness.drain_camera(), now
+        )
         if touched:
             await self.reconcile(touched)
 
@@ -173,23 +213,26 @@ class FleetService:
             "database": db_ok,
             "broker": self.link.connected.is_set(),
             "scheduler": self.scheduler.running,
+            # This replica holds the scheduler lock (a standby is ready too: it serves
+            # ingest and the API, and takes over when the leader goes).
+            "scheduler_leader": self.plans.leader,
         }
 
     # --- API operations --------------------------------------------------------------
 
-    async def register_device(self, device: Device) -> Device:
-        created = await self.db(self.ops.register_device, device, self.clock(), "api")
+    async def register_device(self, device: Device, actor: str = "api") -> Device:
+        created = await self.db(self.ops.register_device, device, self.clock(), actor)
         self.ingest.known.add(created.id)
         self.liveness.baseline(created.id, self.clock(), online=False)
         return created
 
-    async def add_window(self, window: Window) -> Window:
-        created = await self.db(self.ops.add_window, window, self.clock(), "api")
+    async def add_window(self, window: Window, actor: str = "api") -> Window:
+        created = await self.db(self.ops.add_window, window, self.clock(), actor)
         await self.reconcile([created.device_id])
         return created
 
-    async def remove_window(self, window_id: int) -> Window:
-        window = await self.db(self.ops.remove_window, window_id, self.clock(), "api")
+    async def remove_window(self, window_id: int, actor: str = "api") -> Window:
+        window = await self.db(self.ops.remove_window, window_id, self.clock(), actor)
         await self.reconcile([window.device_id])
         return window
 
@@ -200,11 +243,11 @@ class FleetService:
         return look
 
     async def authenticate(self, request: Request) -> Principal | None:
-        """Bearer API token -> principal (interactive sessions plug in here too)."""
+        """Bearer API token, else the session cookie of an interactive login -> principal."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return None
+            return await sessions.authenticate(self, request)
         return await self.db(self.ops.run, lambda s: auth.principal_for_token(s, token.strip()))
 
     def device_json(self, device: Device) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from broker.launcher import free_port
 from fleet.models import Command, CommandStatus, Connectivity, Look, VisitCause
 from tests.helpers import make_client_ssl_context
 from tests.integration.conftest import fleet_settings
-from tests.integration.fleet_harness import REPO, local_hms, wait_until
+from tests.integration.fleet_harness import REPO, local_hms, staff_token, wait_until
 from tillsyn_protocol import SigningKey, sign
 from tillsyn_protocol import tokens as tk
 
@@ -110,12 +110,14 @@ async def test_fleet_sigkilled_during_window_device_relocks_on_its_own(
     """The fleet process dies while a window is open; the camera still re-locks at its end."""
     device_id = "dev-loop-fleetdead"
     settings = fleet_settings(tmp_path / "svc", pki_dir, mosquitto.port)
+    token = staff_token(settings.database_url)  # before the service opens the database
     toml = tmp_path / "fleet.toml"
+    # Scalar settings only: nested sections keep their defaults.
     toml.write_text(
         "\n".join(
             f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
             for k, v in settings.model_dump().items()
-            if v is not None
+            if v is not None and not isinstance(v, dict)
         )
     )
     log = (tmp_path / "fleet.log").open("ab")
@@ -129,7 +131,8 @@ async def test_fleet_sigkilled_during_window_device_relocks_on_its_own(
     try:
         import httpx
 
-        async with httpx.AsyncClient(base_url=api, timeout=5) as http:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=api, timeout=5, headers=headers) as http:
 
             async def ready():
                 try:
