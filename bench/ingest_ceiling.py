@@ -94,7 +94,7 @@ def run_fleet(
                 return float(line.split()[-1])
         return 0.0
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 600  # start-up reconciles every device once
     while True:
         try:
             if httpx.get(f"{api}/readyz", timeout=2).status_code == 200:

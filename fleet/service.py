@@ -125,6 +125,7 @@ class FleetService:
                 # task then resumes it and reconciles everything (start-up reconcile).
                 self.scheduler.start(paused=True)
                 tasks.append(tg.create_task(self.plans.run(), name="scheduler-leadership"))
+                tasks.append(tg.create_task(self._gauges(), name="gauges"))
                 if self.pairing is not None:
                     tasks.append(tg.create_task(self.pairing.run(), name="pairing"))
                 await self._stopping.wait()
@@ -173,9 +174,18 @@ class FleetService:
     async def _sweep(self) -> None:
         await self.reconcile(None)
         await self.plans.on_sweep(self.clock())
-        await self.db(self.ops.refresh_gauges, self.clock())
-        self.metrics.scheduler_jobs.set(self.scheduler.job_count)
-        await asyncio.to_thread(self.certs.refresh, self.clock())
+
+    async def _gauges(self) -> None:
+        """Dashboard gauges from the database, on every replica (a standby too) and
+        whatever the scheduler does: replicas export the same values, dashboards take max()."""
+        while True:
+            try:
+                await self.db(self.ops.refresh_gauges, self.clock())
+                self.metrics.scheduler_jobs.set(self.scheduler.job_count)
+                await asyncio.to_thread(self.certs.refresh, self.clock())
+            except Exception as exc:  # stale gauges are alerted on (TillsynGaugesStale)
+                log.warning("gauge refresh failed: %s", type(exc).__name__)
+            await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def _resend(self) -> None:
         await self.publish(
@@ -206,7 +216,8 @@ class FleetService:
             return True
 
         try:
-            db_ok = await asyncio.wait_for(self.db(ping), 5)
+            # Its own thread, not the DB worker: a long reconcile must not read as "DB down".
+            db_ok = await asyncio.wait_for(asyncio.to_thread(ping), 5)
         except Exception:  # any failure means not ready
             db_ok = False
         return {
