@@ -48,6 +48,7 @@ __all__ = [
     "init_pki",
     "is_valid_device_id",
     "issue_device_cert",
+    "issue_server_cert",
     "load_ca",
     "load_certificate",
     "make_foreign_ca",
@@ -283,11 +284,15 @@ def _issue(
     days: int,
     usage: x509.ObjectIdentifier,
     san: list[x509.GeneralName] | None = None,
+    lifetime: timedelta | None = None,
 ) -> x509.Certificate:
     _check_days(days)
+    if lifetime is not None and lifetime <= timedelta(0):
+        raise PkiError(f"lifetime must be positive, got {lifetime}")
     now = _now()
+    validity = lifetime if lifetime is not None else timedelta(days=days)
     # Never outlive the CA: a chain with an expired issuer fails anyway.
-    not_after = min(now + timedelta(days=days), ca.cert.not_valid_after_utc)
+    not_after = min(now + validity, ca.cert.not_valid_after_utc)
     is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     builder = (
         x509.CertificateBuilder()
@@ -543,12 +548,15 @@ def sign_csr(
     csr_pem: bytes | str,
     device_id: str,
     days: int = DEFAULT_CERT_DAYS,
+    *,
+    lifetime: timedelta | None = None,
 ) -> x509.Certificate:
     """Issue a device client certificate for a CSR the device created itself.
 
     Checks the CSR's self-signature (proof the requester holds the key) and that its
     subject has exactly one CN, equal to ``device_id``. Requested extensions are
-    ignored: the CA decides what the certificate may do.
+    ignored: the CA decides what the certificate may do. ``lifetime`` (if given)
+    replaces ``days``: paired devices get short-lived certificates they renew.
     """
     validate_device_id(device_id)
     data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
@@ -574,9 +582,47 @@ def sign_csr(
         days=days,
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         san=_client_san("device", device_id),
+        lifetime=lifetime,
     )
     logger.info("signed CSR for %s serial=%x", device_id, cert.serial_number)
     return cert
+
+
+def issue_server_cert(
+    directory: Path,
+    name: str,
+    hosts: tuple[str, ...] | list[str],
+    *,
+    days: int = DEFAULT_CERT_DAYS,
+) -> tuple[Path, Path]:
+    """A TLS server certificate (serverAuth, SAN = ``hosts``) for another fleet listener.
+
+    Used for the fleet's HTTPS enrollment endpoint, which devices verify against the
+    same CA bundle they trust the broker with. Written to ``servers/{name}.crt|.key``;
+    reissued only when missing, expired, not from this CA, or for other hosts.
+    """
+    if not hosts:
+        raise PkiError("hosts must name at least one host")
+    if not name.replace("-", "").isalnum():
+        raise PkiError(f"server certificate name {name!r} must be letters, digits and -")
+    paths = PkiPaths.for_directory(directory)
+    ca = load_ca(paths.directory)
+    servers = paths.directory / "servers"
+    servers.mkdir(mode=0o700, exist_ok=True)
+    cert_path, key_path = servers / f"{name}.crt", servers / f"{name}.key"
+    san = _host_names(hosts)
+    with _lock(paths):
+        if _leaf_needs_issue(cert_path, key_path, ca, san):
+            _write_leaf(
+                cert_path,
+                key_path,
+                ca,
+                common_name=name,
+                days=days,
+                usage=ExtendedKeyUsageOID.SERVER_AUTH,
+                san=san,
+            )
+    return cert_path, key_path
 
 
 # -------------------------------------------------------------------------- CRL

@@ -10,6 +10,7 @@ One :class:`asyncio.TaskGroup` with named tasks::
     {id}:mqtt-publisher drains the outbox (retained state, events, acks) while connected
     {id}:heartbeat      a Heartbeat every ``heartbeat_interval_s`` while connected
     {id}:camera-health  polls the driver; a fault ends any look and blocks new ones
+    {id}:cert-renewal   (paired devices) renews the certificate over MQTT (renewal.py)
 
 Every machine input (command, tick, camera fault) runs under one lock together with the
 execution of its actions, so the camera is always switched in the order the machine
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -43,6 +45,7 @@ from tillsyn_protocol import (
     CameraOn,
     Channel,
     Clock,
+    DeviceKind,
     DeviceMachine,
     EventKind,
     LockState,
@@ -57,6 +60,7 @@ from .clock import ClockSource, SystemClock
 from .config import AgentConfig
 from .errors import AgentError, CameraError, StoreError
 from .link import backoff_delay, make_client, make_ssl_context
+from .renewal import Renewer
 from .reports import Outbox, Reporter
 from .store import SeqStore
 
@@ -67,6 +71,7 @@ log = logging.getLogger(__name__)
 TIMER_POLL_S = 1.0  # while ARMED, re-read the clock at least this often (sync loss, steps)
 STOP_TIMEOUT_S = 5.0  # bound on the clean-up when stopping
 PUBLISH_TIMEOUT_S = 5.0
+RING_TIMEOUT_S = 30.0  # video phone: how long a look rings before "not answered"
 _WHY_CHARS = 160
 
 
@@ -116,6 +121,10 @@ class Agent:
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._running = False
+        # Paired through [enroll]: renew the certificate before it expires (renewal.py).
+        self._reconnect_now = False
+        self._renewer = Renewer.for_agent(self)
+        self._calls: set[asyncio.Task[None]] = set()  # video phone: waiting for an answer
 
     # --- reading -------------------------------------------------------------------------
 
@@ -151,6 +160,23 @@ class Agent:
     def running(self) -> bool:
         return self._running
 
+    @property
+    def mqtt_client(self) -> aiomqtt.Client | None:
+        return self._client
+
+    @property
+    def renewer(self) -> Renewer | None:
+        return self._renewer
+
+    def restart_session(self, tls: ssl.SSLContext) -> None:
+        """Reconnect now with ``tls`` (a renewed certificate). A clean DISCONNECT: the
+        broker keeps the session and sends no Last Will; the lock state is untouched."""
+        self._tls = tls
+        self._reconnect_now = True
+        client = self._client
+        if client is not None:
+            client._client.disconnect()  # aiomqtt has no public "reconnect"
+
     def topic(self, channel: Channel) -> str:
         return self._topics[channel]
 
@@ -185,6 +211,8 @@ class Agent:
                     tg.create_task(self._heartbeat_loop(), name=f"{cid}:heartbeat"),
                     tg.create_task(self._health_loop(), name=f"{cid}:camera-health"),
                 ]
+                if self._renewer is not None:
+                    helpers.append(tg.create_task(self._renewer.run(), name=f"{cid}:cert-renewal"))
                 await self._stop_requested.wait()
                 for task in helpers:
                     task.cancel()
@@ -193,6 +221,8 @@ class Agent:
                 timer.cancel()
                 session.cancel()
         finally:
+            for call in list(self._calls):
+                call.cancel()
             with contextlib.suppress(Exception):
                 await self._camera_off()
             self._client = None
@@ -265,6 +295,7 @@ class Agent:
                         self._reports.event(
                             EventKind.LOOK_STARTED, LockState.VIEWING, look_id=look_id, staff=staff
                         )
+                        self._watch_call(look_id, staff, now)
                     else:
                         camera_failed = True
                 case CameraOff(look_id=None):
@@ -318,6 +349,28 @@ class Agent:
             " (the camera may still be on)" if off else "",
         )
         return False
+
+    def _watch_call(self, look_id: str, staff: str, now: Clock) -> None:
+        """Video phone: the look rang the resident; report whether they answered."""
+        waiter = getattr(self._camera, "call_answered", None)
+        if self.config.kind is not DeviceKind.VIDEO_PHONE or waiter is None:
+            return
+        view_until = self._machine.snapshot().view_until or now.wall
+        within = min(RING_TIMEOUT_S, max(0.5, view_until - now.wall))
+
+        async def watch() -> None:
+            try:
+                async with asyncio.timeout(within + self._driver_timeout):
+                    answered = bool(await waiter(look_id, within))
+            except Exception:  # a broken driver: the call did not connect
+                answered = False
+            kind = EventKind.CALL_ANSWERED if answered else EventKind.CALL_NOT_ANSWERED
+            self._reports.event(kind, self._machine.state, look_id=look_id, staff=staff)
+            log.info("call for look %s %s", look_id, "answered" if answered else "not answered")
+
+        task = asyncio.create_task(watch(), name=f"{self.device_id}:call-{look_id}")
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     async def _camera_failed(self) -> None:
         """A driver call failed: treat it as a camera fault (ends any look, blocks new)."""
@@ -429,6 +482,8 @@ class Agent:
                 self._client = None
             self.counters["disconnects" if connected else "connect_failures"] += 1
             delay = backoff_delay(attempt, broker.reconnect_min_s, broker.reconnect_max_s)
+            if self._reconnect_now:  # a planned reconnect (new certificate): no backoff
+                self._reconnect_now, delay, attempt = False, 0.0, -1
             attempt += 1
             log.warning(
                 "mqtt %s %s:%d: %s; retrying in %.1f s",
@@ -455,6 +510,8 @@ class Agent:
         self._state_dirty = True
         self._outbox.ready.set()
         self.counters["connects"] += 1
+        if self._renewer is not None:
+            await self._renewer.on_connect(client)
         log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
@@ -462,6 +519,9 @@ class Agent:
             # Stopping: the camera is being locked for good; the fleet's reconciliation
             # re-sends whatever this device does not report as applied.
             self.counters["ignored_stopping"] += 1
+            return
+        if self._renewer is not None and self._renewer.owns(message.topic.value):
+            await self._renewer.on_message(bytes(message.payload))
             return
         if message.topic.value != self._topics[Channel.CMD]:
             self.counters["unexpected_topic"] += 1

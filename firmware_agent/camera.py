@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from tillsyn_protocol import CameraHealth
+from tillsyn_protocol import CameraHealth, DeviceKind
 
 from .config import AgentConfig, ExecCameraConfig, SimulatedCameraConfig
 from .errors import CameraError
@@ -35,6 +35,7 @@ __all__ = [
     "CameraRecord",
     "ExecHookCamera",
     "SimulatedCamera",
+    "SimulatedVideoPhone",
     "build_camera",
     "driver_timeout",
 ]
@@ -42,6 +43,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CameraEvent = Literal["lock", "unlock", "look-start", "look-end"]
+# Also run by the exec hook: showing the pairing code, and pairing done.
+HookEvent = CameraEvent | Literal["pairing-code", "paired", "call-wait"]
 _STDERR_LOG_CHARS = 200
 
 
@@ -74,6 +77,7 @@ class SimulatedCamera:
         self.on = False
         self.armed = False
         self._health = CameraHealth.OK
+        self.pairing_codes: list[str] = []
 
     def set_health(self, health: CameraHealth) -> None:
         """Simulate a fault, an unplugged camera, or its repair."""
@@ -117,6 +121,55 @@ class SimulatedCamera:
     def _record(self, event: CameraEvent, look_id: str | None) -> None:
         self.history.append(CameraRecord(self._monotonic(), event, look_id, self.on))
 
+    # Pairing display hooks (firmware_agent/enroll.py): a real device blinks or shows it.
+    async def show_pairing_code(self, user_code: str, verification_uri: str) -> None:
+        self.pairing_codes.append(user_code)
+
+    async def pairing_done(self) -> None:
+        self.pairing_codes.append("paired")
+
+
+class SimulatedVideoPhone(SimulatedCamera):
+    """A video phone: a look rings the resident, and only an answered call turns it on.
+
+    There is no way to ring it but ``look_start``, which the agent calls only for a
+    verified ``look`` token: the device never places a call by itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        answer: bool = True,
+        answer_after_s: float = 0.2,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(monotonic=monotonic)
+        self.answer = answer
+        self.answer_after_s = answer_after_s
+        self.rings: list[str] = []
+        self._ringing: str | None = None
+
+    async def look_start(self, look_id: str) -> None:
+        if await self.health() is not CameraHealth.OK:
+            raise CameraError("look-start", "phone not healthy")
+        self.rings.append(look_id)  # ringing; nothing is on until the resident answers
+        self._ringing = look_id
+
+    async def look_end(self, look_id: str) -> None:
+        self._ringing = None  # hang up: a late answer connects nothing
+        await super().look_end(look_id)
+
+    async def call_answered(self, look_id: str, within_s: float) -> bool:
+        if not self.answer or self.answer_after_s > within_s:
+            await asyncio.sleep(within_s)
+            return False
+        await asyncio.sleep(self.answer_after_s)
+        if self._ringing != look_id:
+            return False
+        self.on = True
+        self._record("look-start", look_id)
+        return True
+
 
 class ExecHookCamera:
     """Runs ``program EVENT`` for each switch, bounded by a timeout.
@@ -148,6 +201,17 @@ class ExecHookCamera:
     async def look_end(self, look_id: str) -> None:
         await self._run("look-end", look_id)
 
+    async def show_pairing_code(self, user_code: str, verification_uri: str) -> None:
+        """``program pairing-code`` with TILLSYN_USER_CODE (an LED pattern, a display)."""
+        await self._exec(
+            "pairing-code",
+            None,
+            {"TILLSYN_USER_CODE": user_code, "TILLSYN_VERIFICATION_URI": verification_uri},
+        )
+
+    async def pairing_done(self) -> None:
+        await self._exec("paired", None)
+
     async def health(self) -> CameraHealth:
         if not os.access(self.program, os.X_OK):
             return CameraHealth.UNPLUGGED
@@ -161,7 +225,23 @@ class ExecHookCamera:
             raise
         self._health = CameraHealth.OK
 
-    async def _exec(self, event: CameraEvent, look_id: str | None) -> None:
+    async def call_answered(self, look_id: str, within_s: float) -> bool:
+        """Video phone: ``program call-wait`` exits 0 once the resident answered the call
+        (within ``within_s``); anything else is "not answered" (not a camera fault)."""
+        try:
+            await self._exec("call-wait", look_id, timeout_s=within_s)
+        except CameraError:
+            return False
+        return True
+
+    async def _exec(
+        self,
+        event: HookEvent,
+        look_id: str | None,
+        extra: dict[str, str] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "TILLSYN_DEVICE_ID": self.device_id,
@@ -169,6 +249,7 @@ class ExecHookCamera:
         }
         if look_id is not None:
             env["TILLSYN_LOOK_ID"] = look_id
+        env.update(extra or {})
         try:
             proc = await asyncio.create_subprocess_exec(
                 str(self.program),
@@ -183,7 +264,7 @@ class ExecHookCamera:
         except OSError as exc:
             raise CameraError(event, f"cannot run hook: {exc.strerror}") from None
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s or self.timeout_s):
                 _, stderr = await proc.communicate()
         except TimeoutError:
             _kill_group(proc)
@@ -207,10 +288,23 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
 def build_camera(config: AgentConfig) -> CameraDriver:
     """The driver the config names."""
     match config.camera:
+        case SimulatedCameraConfig(answer_calls=answer, answer_after_s=after) if (
+            config.kind is DeviceKind.VIDEO_PHONE
+        ):
+            return SimulatedVideoPhone(answer=answer, answer_after_s=after)
         case SimulatedCameraConfig():
             return SimulatedCamera()
         case ExecCameraConfig(program=program, timeout_s=timeout_s):
             return ExecHookCamera(program, timeout_s, device_id=config.device_id)
+
+
+def build_display(camera: SimulatedCameraConfig | ExecCameraConfig, state_dir: Path) -> object:
+    """What shows the pairing code while the device has no identity yet."""
+    match camera:
+        case SimulatedCameraConfig():
+            return SimulatedCamera()
+        case ExecCameraConfig(program=program, timeout_s=timeout_s):
+            return ExecHookCamera(program, timeout_s)
 
 
 def driver_timeout(config: AgentConfig) -> float:

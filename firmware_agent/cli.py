@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from .config import AgentConfig, load_config
-from .errors import AgentError, ConfigError, StoreError
+from .config import load_config
+from .errors import AgentError, ConfigError, NotEnrolled, StoreError
 
 __all__ = ["agent"]
 
@@ -54,8 +54,7 @@ def run_command(config_path: Path, log_level: str) -> None:
     """Run the agent in the foreground until SIGTERM or SIGINT."""
     _setup_logging(log_level)
     try:
-        config = load_config(config_path)
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config_path))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(EXIT_CONFIG)
@@ -75,7 +74,14 @@ def check_config_command(config_path: Path) -> None:
     from .store import SeqStore
 
     try:
-        config = load_config(config_path)
+        try:
+            config = load_config(config_path)
+        except NotEnrolled as exc:
+            from .enroll import load_enroll_settings
+
+            enroll = load_enroll_settings(config_path).enroll
+            click.echo(f"ok: {exc.why}; will enroll at {enroll.url} as serial {enroll.serial}")
+            return
         make_ssl_context(config.tls)
         keys = config.command_keyring()
         last_seq = SeqStore(config.state_dir).load()
@@ -92,11 +98,17 @@ def check_config_command(config_path: Path) -> None:
     )
 
 
-async def _serve(config: AgentConfig) -> None:
+async def _serve(config_path: Path) -> None:
     from .agent import Agent
 
-    node = Agent(config)
     loop = asyncio.get_running_loop()
+    try:
+        config = load_config(config_path)
+    except NotEnrolled:
+        if not await _enroll(config_path):
+            return  # stopped while waiting for a technician
+        config = load_config(config_path)
+    node = Agent(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.request_stop)
     try:
@@ -104,6 +116,28 @@ async def _serve(config: AgentConfig) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _enroll(config_path: Path) -> bool:
+    """First boot: pair with the fleet (RFC 8628). False if stopped before that."""
+    from .camera import build_display
+    from .enroll import Enroller, load_enroll_settings
+
+    settings = load_enroll_settings(config_path)
+    enroller = Enroller(settings, display=build_display(settings.camera, settings.state_dir))
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(enroller.run(), name="enroll")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopped before pairing")
+        return False
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return True
 
 
 def _setup_logging(level: str) -> None:

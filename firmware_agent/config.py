@@ -49,6 +49,7 @@ __all__ = [
     "BrokerConfig",
     "CameraConfig",
     "ClockConfig",
+    "EnrollConfig",
     "ExecCameraConfig",
     "SimulatedCameraConfig",
     "TlsConfig",
@@ -116,9 +117,43 @@ class TlsConfig(_Section):
     _files = field_validator("ca_file", "cert_file", "key_file")(_existing_file)
 
 
+class EnrollConfig(_Section):
+    """First boot without a certificate: enroll at the fleet (``firmware_agent/enroll.py``).
+
+    With ``[enroll]``, ``device_id``, ``[tls]``, ``command_keys`` and the broker address
+    come from the identity pairing stored in ``state_dir`` (``firmware_agent/identity.py``).
+    """
+
+    url: Annotated[str, Field(min_length=9, max_length=400)]
+    # The CA bundle shipped with the device: checks the enrollment server and the broker.
+    ca_file: Path
+    serial: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    factory_cert_file: Path | None = None
+    factory_key_file: Path | None = None
+    timeout_s: Annotated[float, AfterValidator(_between(1, 120))] = 20.0
+    retry_max_s: Annotated[float, AfterValidator(_between(1, 3600))] = 300.0
+
+    _ca = field_validator("ca_file")(_existing_file)
+
+    @field_validator("factory_cert_file", "factory_key_file")
+    @classmethod
+    def _factory(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _existing_file(value, info)
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value.rstrip("/")
+
+
 class SimulatedCameraConfig(_Section):
     type: Literal["simulated"] = "simulated"
     health_interval_s: Annotated[float, AfterValidator(_between(0.05, 3600))] = 5.0
+    # kind = "video_phone": whether (and how fast) the simulated resident answers a call.
+    answer_calls: bool = True
+    answer_after_s: Annotated[float, AfterValidator(_between(0, 120))] = 0.2
 
 
 class ExecCameraConfig(_Section):
@@ -156,6 +191,7 @@ class AgentConfig(_Section):
     look_cap_s: Annotated[float, AfterValidator(_between(1, 600))] = 60.0
     camera: CameraConfig = SimulatedCameraConfig()
     clock: ClockConfig = ClockConfig()
+    enroll: EnrollConfig | None = None
 
     @field_validator("device_id")
     @classmethod
@@ -243,4 +279,9 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("config", f"invalid TOML in {file}: {exc}") from None
-    return AgentConfig.from_mapping(data, base_dir=file.resolve().parent)
+    base_dir = file.resolve().parent
+    if isinstance(data.get("enroll"), dict):
+        from .identity import with_identity
+
+        data = with_identity(data, base_dir)
+    return AgentConfig.from_mapping(data, base_dir=base_dir)

@@ -2,6 +2,7 @@
 
 AgentError
  ├── ConfigError    a setting is missing or wrong (``setting``, ``why``)
+ │    └── NotEnrolled  [enroll] is configured but the device has no identity yet
  ├── StoreError     the replay counter cannot be read or written (``path``, ``why``)
  └── CameraError    a camera driver call failed (``operation``, ``why``)
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["AgentError", "CameraError", "ConfigError", "StoreError"]
+__all__ = ["AgentError", "CameraError", "ConfigError", "NotEnrolled", "StoreError"]
 
 
 class AgentError(Exception):
@@ -27,6 +28,14 @@ class ConfigError(AgentError):
         super().__init__(f"{setting}: {why}")
         self.setting = setting
         self.why = why
+
+
+class NotEnrolled(ConfigError):
+    """The device enrolls first: it has no certificate yet (``firmware_agent/enroll.py``)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__("enroll", f"not paired yet (no identity in {state_dir})")
+        self.state_dir = state_dir
 
 
 class StoreError(AgentError):

@@ -1,4 +1,13 @@
-"""Append-only, hash-chained audit log. Each entry commits to the one before it."""
+"""Append-only, hash-chained audit log. Each entry commits to the one before it.
+
+Retention deletes the oldest entries, which would cut the chain's anchor (the first entry
+commits to ``GENESIS``). So a purge removes only a *prefix* of the chain and appends an
+``audit.purged`` entry recording the hash of the last entry it removed; :func:`verify`
+takes the newest such checkpoint as the anchor the first remaining entry must continue
+from. Deleting entries after the checkpoint, or editing any, is still found. (What a hash
+chain alone cannot show is the newest entries being cut off the end: ``verify`` prints
+the head hash so follow-up reports can record it elsewhere.)
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
 from .models import AuditEvent
@@ -51,22 +61,100 @@ class ChainReport:
     entries: int
     first_broken_id: int | None
     why: str | None
+    head: str | None = None  # hash of the newest entry (record it elsewhere to anchor)
 
     @property
     def ok(self) -> bool:
         return self.first_broken_id is None
 
 
+PURGED = "audit.purged"
+
+
+def checkpoint(session: Session) -> str:
+    """The hash the first remaining entry must continue from (``GENESIS`` if never purged)."""
+    stmt = (
+        select(AuditEvent)
+        .where(AuditEvent.action == PURGED)
+        .order_by(col(AuditEvent.id).desc())
+        .limit(1)
+    )
+    last_purge = session.exec(stmt).first()
+    if last_purge is None:
+        return GENESIS
+    try:
+        anchor = json.loads(last_purge.detail).get("last_hash")
+    except (ValueError, AttributeError):
+        anchor = None
+    return anchor if isinstance(anchor, str) else "unreadable purge checkpoint"
+
+
 def verify(session: Session) -> ChainReport:
-    prev = GENESIS
+    prev = checkpoint(session)
     count = 0
-    for entry in session.exec(select(AuditEvent).order_by(col(AuditEvent.id))):
+    stmt = select(AuditEvent).order_by(col(AuditEvent.id)).execution_options(yield_per=2000)
+    for entry in session.exec(stmt):
         count += 1
         assert entry.id is not None
         if entry.prev_hash != prev:
+            if count == 1:
+                why = "first entry does not continue from the genesis or purge checkpoint"
+                return ChainReport(count, entry.id, why)
             return ChainReport(count, entry.id, "prev_hash does not match the entry before")
         expect = _digest(prev, entry.ts, entry.actor, entry.action, entry.subject, entry.detail)
         if entry.hash != expect:
             return ChainReport(count, entry.id, "content does not match its hash")
         prev = entry.hash
-    return ChainReport(count, None, None)
+    return ChainReport(count, None, None, prev if count else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    count: int
+    through_id: int | None
+    last_hash: str | None
+
+
+def purge_before(session: Session, *, before_ts: float, now: float, actor: str) -> Purged:
+    """Delete the longest prefix of the chain older than ``before_ts``; record a checkpoint.
+
+    Only a prefix: an old entry after a newer one (clocks differ between writers) stays,
+    and so does everything after it, so the chain stays contiguous. Refuses to run on a
+    broken chain, which would destroy the evidence. The checkpoint entry is appended in
+    the same transaction as the deletion.
+    """
+    report = verify(session)
+    if not report.ok:
+        raise ValueError(f"audit chain broken at entry {report.first_broken_id}: not purging")
+    newer = session.exec(
+        select(AuditEvent.id).where(AuditEvent.ts >= before_ts).order_by(col(AuditEvent.id))
+    ).first()
+    stmt = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(1)
+    if newer is not None:
+        stmt = stmt.where(col(AuditEvent.id) < newer)
+    last = session.exec(stmt).first()
+    if last is None:
+        append(
+            session,
+            ts=now,
+            actor=actor,
+            action=PURGED,
+            count=0,
+            before=before_ts,
+            last_hash=checkpoint(session),
+            through_id=None,
+        )
+        return Purged(0, None, None)
+    assert last.id is not None
+    count = session.execute(delete(AuditEvent).where(col(AuditEvent.id) <= last.id)).rowcount  # type: ignore[attr-defined]
+    append(
+        session,
+        ts=now,
+        actor=actor,
+        action=PURGED,
+        count=count,
+        before=before_ts,
+        through_id=last.id,
+        last_hash=last.hash,
+    )
+    return Purged(int(count), last.id, last.hash)

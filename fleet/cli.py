@@ -66,8 +66,23 @@ def _api_url() -> str:
     return "http://127.0.0.1:8080"
 
 
+def _token() -> str | None:
+    """--token / $TILLSYN_TOKEN, else the admin token the dev stack wrote to its stack file."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (token := ctx.meta.get("tillsyn.token")):
+        return str(token)
+    if token := os.environ.get("TILLSYN_TOKEN"):
+        return token
+    if DEV_STACK.exists():
+        token = json.loads(DEV_STACK.read_text()).get("admin_token")
+        return str(token) if token else None
+    return None
+
+
 def _call(method: str, path: str, **kwargs: Any) -> Any:
     url = _api_url() + path
+    if token := _token():
+        kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {token}"}
     try:
         resp = httpx.request(method, url, timeout=10, **kwargs)
     except httpx.HTTPError as exc:
@@ -79,6 +94,8 @@ def _call(method: str, path: str, **kwargs: Any) -> Any:
             detail = resp.text[:200]
         if isinstance(detail, list):  # validation errors: name the field
             detail = "; ".join(f"{'.'.join(map(str, d['loc'][1:]))}: {d['msg']}" for d in detail)
+        if resp.status_code == 401:
+            detail = f"{detail} (give an API token: --token or TILLSYN_TOKEN)"
         raise click.ClickException(f"{resp.status_code}: {detail}")
     return resp.json()
 
@@ -228,12 +245,12 @@ def commands_list(device: str | None, status: str | None, as_json: bool) -> None
 
 @click.command()
 @click.argument("device_id")
-@click.option("--staff", required=True, help="Staff id of who looks.")
+@click.option("--staff", default=None, help="Staff id of who looks (default: the token's).")
 @click.option("--seconds", type=int, default=None, help="Look length (capped on the device).")
 @json_opt
-def look(device_id: str, staff: str, seconds: int | None, as_json: bool) -> None:
-    """Start a look on DEVICE_ID inside its open window."""
-    body: dict[str, Any] = {"staff_id": staff}
+def look(device_id: str, staff: str | None, seconds: int | None, as_json: bool) -> None:
+    """Start a look on DEVICE_ID inside its open window (needs a night staff token)."""
+    body: dict[str, Any] = {"staff_id": staff} if staff else {}
     if seconds:
         body["max_s"] = seconds
     _show(

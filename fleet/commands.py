@@ -143,6 +143,8 @@ class Ledger:
             self._metrics.commands.labels(kind=command.kind.value, outcome=outcome.value).inc()
             if outcome is CommandStatus.APPLIED:
                 self._metrics.command_latency.labels(kind=command.kind.value).observe(latency)
+                if command.kind is CommandKind.ARM:
+                    self._metrics.windows.labels(event="opened").inc()
             audit.append(
                 session,
                 ts=now,

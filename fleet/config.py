@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
+from .pairing_config import PairingSettings
 
 
 class FleetSettings(BaseSettings):
@@ -40,6 +41,30 @@ class FleetSettings(BaseSettings):
     sweep_interval_s: float = Field(default=30.0, gt=0)
     liveness_interval_s: float = Field(default=2.0, gt=0)
     look_default_s: int = Field(default=60, ge=1, le=600)
+    # Care plans, checks, scheduler lock, visit outbox (docs/architecture.md, "Care plans").
+    preflight_s: float = Field(default=1800.0, ge=0)  # device readiness checked this early
+    scheduler_lock_retry_s: float = Field(default=5.0, gt=0)  # a standby retries this often
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")  # unset: disabled
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)  # first retry; doubles up to the max
+    webhook_backoff_max_s: float = Field(default=600.0, gt=0)
+    coverage_after_s: float = Field(default=300.0, ge=0)  # report a night this long after noon
+    # Pairing, device certificates and the equipment lifecycle (fleet/pairing_config.py).
+    pairing: PairingSettings = PairingSettings()
+
+    # Staff accounts and the audit log (docs/architecture.md, "Staff, sessions, audit").
+    # Encrypts TOTP secrets at rest; default: totp-secrets.key beside the signing key.
+    totp_key_file: Path | None = None
+    login_max_failures: int = Field(default=5, ge=1, le=100)  # then the account locks
+    login_lockout_s: float = Field(default=900.0, gt=0)
+    session_idle_s: float = Field(default=3600.0, gt=0)  # no request for this long: logged out
+    session_max_s: float = Field(default=12 * 3600.0, gt=0)  # a night shift, then log in again
+    cookie_secure: Literal["auto", "always", "never"] = "auto"  # auto: Secure when https
+    audit_retention_days: int = Field(default=5 * 365, ge=30)
+    metrics_public: bool = True  # /metrics readable without a token (loopback/scraper only)
+
+    def totp_key_path(self) -> Path:
+        return self.totp_key_file or self.signing_key_file.with_name("totp-secrets.key")
 
     @field_validator("tz")
     @classmethod
@@ -60,6 +85,8 @@ class FleetSettings(BaseSettings):
                 raise ValueError("database_url: set an explicit database for env=prod")
             if "dev" in self.ca_file.parts or "var" in self.ca_file.parts:
                 raise ValueError("ca_file: the dev PKI must not be used with env=prod")
+            if self.cookie_secure == "never":
+                raise ValueError("cookie_secure: session cookies must be Secure with env=prod")
         return self
 
 

@@ -29,7 +29,7 @@ from tillsyn_protocol import (
     Status,
 )
 
-from . import audit, checks, gauges, visits
+from . import audit, checks, gauges, video_phone, visits
 from .commands import Ledger
 from .errors import Conflict, NotFound
 from .liveness import Seen
@@ -231,6 +231,8 @@ class FleetOps:
                         subject=device_id,
                         reason=event.reason,
                     )
+                case EventKind.CALL_ANSWERED | EventKind.CALL_NOT_ANSWERED:
+                    video_phone.on_call(session, device, event, now, self.metrics)
                 case EventKind.BOOT | EventKind.STATE_CHANGED:
                     pass
             return []

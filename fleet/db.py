@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlmodel import SQLModel, create_engine
 
-from . import auth, models  # noqa: F401  (registers the tables)
+from . import (  # noqa: F401  (registers the tables)
+    accounts,
+    auth,
+    followup,
+    inventory,
+    models,
+    plan_models,
+    sessions,
+)
 
 
 def make_engine(url: str) -> Engine:
@@ -16,7 +24,11 @@ def make_engine(url: str) -> Engine:
         path = Path(url.removeprefix("sqlite:///"))
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,  # errors and logs never carry row values (resident ids)
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -27,7 +39,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 def init_db(engine: Engine) -> None:

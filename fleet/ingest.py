@@ -88,6 +88,7 @@ class Ingest:
         match channel:
             case Channel.HB:
                 hb = decode(Heartbeat, payload)
+                self._m.clock_skew.observe(abs(hb.ts - now))
                 if self._live.seen(device_id, now, hb):
                     return await self._db(ops.contact, device_id, now)
                 return []

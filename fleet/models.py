@@ -36,6 +36,12 @@ class VisitCause(StrEnum):
     CAMERA_FAULT = "camera_fault"
     NOT_SEEN_TWICE = "not_seen_twice"
     OPTED_OUT = "opted_out"
+    # Care plans (fleet/checks.py): staff saw something wrong; a check ended with no
+    # outcome and the plan escalates that; pre-flight found the clock or lock state off.
+    SOMETHING_WRONG = "something_wrong"
+    NO_OUTCOME = "no_outcome"
+    CLOCK_UNSYNCED = "clock_unsynced"
+    LOCK_MISMATCH = "lock_mismatch"
 
 
 class VisitStatus(StrEnum):
@@ -54,6 +60,8 @@ class Device(SQLModel, table=True):
     kind: DeviceKind = Field(default=DeviceKind.CAMERA, sa_column=_enum(DeviceKind))
     resident_id: str | None = Field(default=None, max_length=64, index=True)
     site: str | None = Field(default=None, max_length=64)
+    # Team/area whose night staff and technicians may see and use it; None: IT admins only.
+    team: str | None = Field(default=None, max_length=64, index=True)
     created_at: datetime = Field(default_factory=utcnow)
     firmware: str | None = Field(default=None, max_length=32)
     connectivity: Connectivity = Field(default=Connectivity.UNKNOWN, sa_column=_enum(Connectivity))
@@ -68,6 +76,9 @@ class Device(SQLModel, table=True):
     clock_skew_s: float | None = None
     next_seq: int = 1  # next sequence number to sign for this device
     device_last_seq: int = 0  # highest seq the device says it applied
+    # A commissioning test (fleet/commissioning.py) drives the device until then (epoch s):
+    # reconciliation leaves it alone. Expires by itself, so a crashed test cannot pin it.
+    hold_until: float | None = None
 
 
 class Window(SQLModel, table=True):
@@ -138,6 +149,8 @@ class Look(SQLModel, table=True):
     ended_at: float | None = None
     duration_s: float | None = None
     end_reason: str | None = Field(default=None, max_length=32)
+    # Video phones: whether the resident answered the call; False counts as not seen.
+    answered: bool | None = None
 
 
 class AuditEvent(SQLModel, table=True):
@@ -149,5 +162,6 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=48, index=True)
     subject: str | None = Field(default=None, max_length=64, index=True)
     detail: str = Field(default="{}", max_length=4000)  # JSON
-    prev_hash: str = Field(max_length=64)
+    # Unique: two writers that read the same last entry cannot both append (no fork).
+    prev_hash: str = Field(max_length=64, unique=True)
     hash: str = Field(max_length=64, unique=True)

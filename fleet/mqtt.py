@@ -75,6 +75,7 @@ class MqttLink:
                     for channel in INGEST_CHANNELS:
                         await client.subscribe(subscription(channel, shared_group=group), qos=1)
                     self._metrics.mqtt_connected.set(1)
+                    self._metrics.mqtt_connects.inc()
                     self.connected.set()
                     backoff = 0.5
                     log.info(

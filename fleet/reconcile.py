@@ -1,5 +1,10 @@
-"""Level-triggered reconciliation: desired lock state from windows and the clock, compared
-with what the device reported, and the one action that closes the gap.
+"""Level-triggered reconciliation: desired lock state from windows, care-plan checks and
+the clock, compared with what the device reported, and the one action that closes the gap.
+
+Desired state: armed while any *span* is open. A span is the union of overlapping windows:
+legacy ``Window`` rows and the checks of care plans that still want the device armed
+(``upcoming``/``open``/``looked``; a check with an outcome no longer does, so the device
+re-locks as soon as staff record it).
 
 The scheduler only decides *when* this runs (window edges, start-up, device back online,
 a periodic sweep). Running it late, twice or after a missed job gives the same result as
@@ -19,11 +24,12 @@ from sqlmodel import Session, select
 from tillsyn_protocol import CameraHealth, CommandKind, LockState
 from tillsyn_protocol.windows import Occurrence, occurrences_between
 
-from . import visits
+from . import checks, visits
 from .commands import Ledger
 from .metrics import FleetMetrics
 from .models import Command, Connectivity, Device, VisitCause, Window
 from .outbound import Publish
+from .plan_models import Check
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,19 @@ LOCK_GRACE_S = 5.0
 class Policy:
     arm_confirm_s: float
     visit_horizon_s: float
+    preflight_s: float = 1800.0  # readiness of a device is checked this long before a check
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A stretch of real time in which the device should be armed, and the checks in it."""
+
+    start: float
+    end: float
+    checks: tuple[Check, ...] = ()
+
+    def contains(self, now: float) -> bool:
+        return self.start <= now < self.end
 
 
 def parse_hms(text: str) -> time:
@@ -69,6 +88,45 @@ def open_window(windows: Iterable[Window], now: float) -> Occurrence | None:
     return max(found, key=lambda o: o.end) if found else None
 
 
+def device_spans(
+    session: Session, device_id: str, windows: Iterable[Window], lo: float, hi: float
+) -> list[Span]:
+    """Windows and arming checks overlapping [lo, hi), overlapping ones merged, in order."""
+    raw = [Span(o.start.timestamp(), o.end.timestamp()) for o in occurrences(windows, lo, hi)]
+    raw += [
+        Span(c.start_at, c.end_at, (c,)) for c in checks.device_checks(session, device_id, lo, hi)
+    ]
+    merged: list[Span] = []
+    for span in sorted(raw, key=lambda s: (s.start, s.end)):
+        if merged and span.start < merged[-1].end:
+            last = merged[-1]
+            merged[-1] = Span(last.start, max(last.end, span.end), last.checks + span.checks)
+        else:
+            merged.append(span)
+    return merged
+
+
+def open_span(spans: Iterable[Span], now: float) -> Span | None:
+    return next((s for s in spans if s.contains(now)), None)
+
+
+def next_edge_for(
+    session: Session, device: Device, windows: Iterable[Window], now: float, policy: Policy
+) -> float | None:
+    """The next instant at which this device's desired state or checks may change."""
+    edges = []
+    for span in device_spans(session, device.id, windows, now, now + 8 * 86400):
+        edges += [span.start, span.end]
+        for c in span.checks:
+            edges += [c.start_at - policy.preflight_s, c.start_at, c.end_at]
+            edges.append(c.start_at + policy.arm_confirm_s)
+    edges += checks.next_deadlines(session, device.id, now)
+    if device.armed_until is not None and device.reported_state is not LockState.LOCKED:
+        edges.append(device.armed_until + LOCK_GRACE_S)
+    future = [e for e in edges if e > now]
+    return min(future) if future else None
+
+
 def next_edge(windows: Iterable[Window], now: float, device: Device) -> float | None:
     """The next instant at which this device's desired state may change."""
     edges = []
@@ -88,34 +146,45 @@ def reconcile_device(
     device: Device,
     now: float,
 ) -> list[Publish]:
+    if device.hold_until is not None and now < device.hold_until:
+        return []  # a commissioning test is driving this device (fleet/commissioning.py)
+    ctx = checks.Ctx(metrics, policy.preflight_s)
+    out: list[Publish] = checks.advance_device(session, ctx, device, now)
     windows = session.exec(select(Window).where(Window.device_id == device.id)).all()
-    occ = open_window(windows, now)
+    ahead = max(policy.visit_horizon_s, policy.preflight_s)
+    spans = device_spans(session, device.id, windows, now - 1, now + ahead + 1)
+    occ = open_span(spans, now)
     pending = ledger.pending(session, device.id)
-    out: list[Publish] = []
     reported = device.reported_state
     if occ is not None:
-        until = int(occ.end.timestamp())
+        until = int(occ.end)
         armed = reported is not LockState.LOCKED and device.armed_until == until
         arm_pending = any(c.kind is CommandKind.ARM and c.until == until for c in pending)
         if not armed and not arm_pending:
             out.append(ledger.issue(session, device, CommandKind.ARM, now=now, until=until))
-            metrics.windows.labels(edge="arm_sent").inc()
-        if not armed and now - occ.start.timestamp() >= policy.arm_confirm_s:
+        if not armed and now - occ.start >= policy.arm_confirm_s:
+            key = f"arm:{device.id}:{int(occ.start)}"
             pub = visits.raise_visit(
                 session,
                 metrics,
-                key=f"arm:{device.id}:{int(occ.start.timestamp())}",
+                key=key,
                 cause=VisitCause.ARM_UNCONFIRMED,
                 device=device,
-                due_at=occ.start.timestamp(),
+                due_at=occ.start,
                 now=now,
-                evidence={"window_start": occ.start.isoformat(), "reported_state": reported.value},
+                evidence={"window_start": _iso(occ.start), "reported_state": reported.value},
             )
             out += [pub] if pub else []
+            checks.link_visit_key(session, key, occ.checks)
     elif reported is not LockState.LOCKED:
         out += _lock(session, ledger, metrics, device, pending, now)
-    out += _fallback_visits(session, metrics, policy, device, windows, occ, now)
+    out += _fallback_visits(session, metrics, policy, device, spans, occ, now)
+    out += checks.preflight(session, ctx, device, now, window_open=occ is not None)
     return out
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 def _lock(
@@ -141,8 +210,8 @@ def _fallback_visits(
     metrics: FleetMetrics,
     policy: Policy,
     device: Device,
-    windows: Iterable[Window],
-    occ: Occurrence | None,
+    spans: Iterable[Span],
+    occ: Span | None,
     now: float,
 ) -> list[Publish]:
     """One visit per cause per check that this device cannot carry out."""
@@ -155,25 +224,26 @@ def _fallback_visits(
         return []
     due = occ
     if due is None:
-        upcoming = occurrences(windows, now, now + policy.visit_horizon_s)
-        due = next((o for o in upcoming if o.start.timestamp() > now), None)
+        horizon = now + policy.visit_horizon_s
+        due = next((s for s in spans if now < s.start < horizon), None)
     if due is None:
         return []
-    start = due.start.timestamp()
+    start = due.start
     evidence = {
         "connectivity": device.connectivity.value,
         "offline_since": device.offline_since,
         "last_seen": device.last_seen,
         "camera": device.camera.value if device.camera else None,
-        "window_start": due.start.isoformat(),
-        "window_end": due.end.isoformat(),
+        "window_start": _iso(due.start),
+        "window_end": _iso(due.end),
     }
     out = []
     for cause, tag in causes:
+        key = f"{tag}:{device.id}:{int(start)}"
         pub = visits.raise_visit(
             session,
             metrics,
-            key=f"{tag}:{device.id}:{int(start)}",
+            key=key,
             cause=cause,
             device=device,
             due_at=start,
@@ -181,4 +251,5 @@ def _fallback_visits(
             evidence=evidence,
         )
         out += [pub] if pub else []
+        checks.link_visit_key(session, key, due.checks)
     return out

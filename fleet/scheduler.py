@@ -4,19 +4,30 @@ Settings are explicit: every job coalesces (a backlog runs once), runs one insta
 time, and has a misfire grace long enough that a late job still runs (reconciling late is
 correct; not reconciling is not). A job that misses anyway is counted and logged, and the
 periodic sweep repairs whatever it would have done.
+
+**Leadership.** Every replica builds a scheduler, but only the holder of the scheduler lock
+(``fleet/leader.py``) runs it; a standby keeps it paused and resumes it when it takes over.
+
+**Time.** Instants are the service's (its injected clock); APScheduler runs on its own
+``datetime.now()`` and monotonic timers. ``set_edges`` converts each instant to a delay on
+the scheduler's clock when it schedules it, so the two never need to agree; when the
+service's clock is stepped (NTP, or a test moving a simulated clock) the service
+reconciles everything, which re-plans every edge (see ``FleetService._liveness``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
     EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
     EVENT_JOB_MISSED,
     JobEvent,
     JobExecutionEvent,
@@ -26,7 +37,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .metrics import FleetMetrics
+from .metrics import FleetMetrics, job_type
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +51,50 @@ class FleetScheduler:
         *,
         on_edge: Callable[[str], Awaitable[None]],
         periodic: dict[str, tuple[float, Callable[[], Awaitable[None]]]],
+        clock: Callable[[], float] = time.time,
+        on_missed: Callable[[str], None] | None = None,
     ) -> None:
         self._metrics = metrics
         self._on_edge = on_edge
         self._periodic = periodic
+        self._clock = clock
+        self._on_missed = on_missed
+        self._paused = False
+        self.alerts: list[dict[str, Any]] = []  # the latest missed jobs, newest last
         self._sched = AsyncIOScheduler(timezone=UTC, job_defaults=JOB_DEFAULTS)
         self._sched.add_listener(
-            self._listen, EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_EXECUTED
+            self._listen,
+            EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_EXECUTED | EVENT_JOB_MAX_INSTANCES,
         )
 
     @property
     def running(self) -> bool:
         return bool(self._sched.running)
 
-    def start(self) -> None:
+    @property
+    def leading(self) -> bool:
+        """Running its jobs (not a paused standby)."""
+        return self.running and not self._paused
+
+    def pause(self) -> None:
+        """Step down: keep the jobs, run none of them."""
+        if self._sched.running and not self._paused:
+            self._sched.pause()
+        self._paused = True
+        self._metrics.scheduler_running.set(0)
+
+    def resume(self) -> None:
+        """Take over: due jobs run now (coalesced), then on time."""
+        if self._sched.running and self._paused:
+            self._sched.resume()
+        self._paused = False
+        self._metrics.scheduler_running.set(1 if self._sched.running else 0)
+
+    def wakeup(self) -> None:
+        if self._sched.running and not self._paused:
+            self._sched.wakeup()
+
+    def start(self, *, paused: bool = False) -> None:
         for name, (every_s, fn) in self._periodic.items():
             self._sched.add_job(
                 fn,
@@ -63,11 +104,15 @@ class FleetScheduler:
                 replace_existing=True,
                 next_run_time=datetime.now(UTC),
             )
-        self._sched.start()
+        self._sched.start(paused=paused)
+        self._paused = paused
+        self._metrics.init_jobs([*self._periodic, "edge"])
+        self._metrics.scheduler_running.set(0 if paused else 1)
 
     def shutdown(self) -> None:
         if self._sched.running:
             self._sched.shutdown(wait=False)
+        self._metrics.scheduler_running.set(0)
 
     def set_edges(self, edges: dict[str, float | None]) -> None:
         """(Re)schedule each device's next window edge under a stable job id."""
@@ -77,14 +122,20 @@ class FleetScheduler:
                 with contextlib.suppress(JobLookupError):
                     self._sched.remove_job(job_id)
                 continue
+            # The service's instant as a delay on the scheduler's own clock.
+            run_date = datetime.now(UTC) + timedelta(seconds=at - self._clock())
             self._sched.add_job(
                 self._on_edge,
-                DateTrigger(run_date=datetime.fromtimestamp(at, UTC)),
+                DateTrigger(run_date=run_date),
                 args=[device_id],
                 id=job_id,
                 name=job_id,
                 replace_existing=True,
             )
+
+    @property
+    def job_count(self) -> int:
+        return len(self._sched.get_jobs())
 
     def jobs(self) -> list[dict[str, Any]]:
         return [
@@ -93,15 +144,34 @@ class FleetScheduler:
         ]
 
     def _listen(self, event: JobEvent) -> None:
-        if event.code == EVENT_JOB_MISSED:
-            self._metrics.jobs_missed.inc()
-            log.error(
-                "scheduler job %s missed its run time %s", event.job_id, event.scheduled_run_time
-            )
+        if event.code in (EVENT_JOB_MISSED, EVENT_JOB_MAX_INSTANCES):
+            # A missed edge is an alert (metric, log, /api/scheduler) and is repaired at
+            # once: the service reconciles what the job would have. A periodic job that
+            # found its previous run still going is only counted.
+            family = job_type(event.job_id)
+            missed = event.code == EVENT_JOB_MISSED
+            if missed or family == "edge":
+                self._metrics.jobs_missed.labels(job_type=family).inc()
+                self.alerts = [
+                    *self.alerts[-49:],
+                    {
+                        "job": event.job_id,
+                        "why": "missed" if missed else "previous run still going",
+                        "at": self._clock(),
+                    },
+                ]
+                log.error("scheduler job %s did not run at its time", event.job_id)
+                if self._on_missed is not None:
+                    self._on_missed(event.job_id)
         elif event.code == EVENT_JOB_ERROR:
             assert isinstance(event, JobExecutionEvent)
-            self._metrics.jobs_failed.inc()
-            log.error("scheduler job %s failed: %r", event.job_id, event.exception)
+            self._metrics.jobs_failed.labels(job_type=job_type(event.job_id)).inc()
+            exc = event.exception
+            # Class and a bounded message only: no traceback, no SQL parameters (db.py hides them).
+            log.error(
+                "scheduler job %s failed: %s: %s", event.job_id, type(exc).__name__, str(exc)[:200]
+            )
         elif isinstance(event, JobExecutionEvent):
+            self._metrics.jobs_run.labels(job_type=job_type(event.job_id)).inc()
             lag = (datetime.now(UTC) - event.scheduled_run_time).total_seconds()
             self._metrics.scheduler_lag.observe(max(0.0, lag))

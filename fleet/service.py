@@ -21,7 +21,7 @@ from .auth import Principal
 from .config import FleetSettings
 from .core import FleetOps
 from .db import init_db, make_engine
-from .gauges import CertificateWatch
+from .gauges import CertificateWatch, inventory_certificates
 from .ingest import Ingest
 from .liveness import Liveness
 from .metrics import FleetMetrics
@@ -180,9 +180,13 @@ class FleetService:
         whatever the scheduler does: replicas export the same values, dashboards take max()."""
         while True:
             try:
-                await self.db(self.ops.refresh_gauges, self.clock())
+                now = self.clock()
+                await self.db(self.ops.refresh_gauges, now)
                 self.metrics.scheduler_jobs.set(self.scheduler.job_count)
-                await asyncio.to_thread(self.certs.refresh, self.clock())
+                inventory = await self.db(
+                    self.ops.run, functools.partial(inventory_certificates, now=now)
+                )
+                await asyncio.to_thread(self.certs.refresh, now, inventory=inventory)
             except Exception as exc:  # stale gauges are alerted on (TillsynGaugesStale)
                 log.warning("gauge refresh failed: %s", type(exc).__name__)
             await asyncio.sleep(self.settings.sweep_interval_s)

@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from tillsyn_protocol.topics import VISITS_TOPIC
 
-from . import audit
+from . import audit, outbox
 from .errors import Conflict, NotFound
 from .metrics import FleetMetrics
 from .models import Device, Visit, VisitCause, VisitStatus
@@ -66,7 +66,11 @@ def raise_visit(
         key=key,
     )
     metrics.visits_raised.labels(cause=cause.value).inc()
+    if cause is VisitCause.ARM_UNCONFIRMED:  # the window started and the device never armed
+        metrics.windows.labels(event="missed").inc()
     log.warning("visit raised id=%s cause=%s device=%s", visit.id, cause.value, visit.device_id)
+    # Other systems: durable, at least once (fleet/outbox.py), in this same transaction.
+    outbox.enqueue(session, kind="visit.raised", payload={"visit": visit_json(visit)}, now=now)
     payload = json.dumps({"event": "visit.raised", "visit": visit_json(visit)}).encode()
     return Publish(VISITS_TOPIC, payload, qos=1)
 
@@ -91,6 +95,9 @@ def mark_device_back(session: Session, device_id: str, now: float) -> int:
             subject=device_id,
             visit_id=visit.id,
         )
+        outbox.enqueue(
+            session, kind="visit.device_back", payload={"visit": visit_json(visit)}, now=now
+        )
         count += 1
     return count
 
@@ -113,6 +120,7 @@ def close_visit(session: Session, visit_id: int, *, by: str, outcome: str, now: 
         visit_id=visit_id,
         outcome=outcome,
     )
+    outbox.enqueue(session, kind="visit.closed", payload={"visit": visit_json(visit)}, now=now)
     return visit
 
 
@@ -131,5 +139,8 @@ def acknowledge_visit(session: Session, visit_id: int, *, by: str, now: float) -
         action="visit.acknowledged",
         subject=visit.device_id,
         visit_id=visit_id,
+    )
+    outbox.enqueue(
+        session, kind="visit.acknowledged", payload={"visit": visit_json(visit)}, now=now
     )
     return visit

@@ -13,7 +13,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: "command-to-look-for:package". Test-only tools go in TEST_PKGS.
 RUN_PKGS=(mosquitto:mosquitto)
-TEST_PKGS=()
+# prometheus: promtool for the alert-rule tests, prometheus for the real-Prometheus test.
+TEST_PKGS=(chromium:chromium promtool:prometheus)
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 pkgs=()
 wanted=("${RUN_PKGS[@]}")
@@ -26,6 +27,10 @@ if [ "${#pkgs[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${pkgs[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  if [[ " ${pkgs[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+    # The tests start their own Prometheus on free ports; the packaged service is not wanted.
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -81,6 +82,47 @@ def _wait_ready(url: str, timeout: float = 30.0) -> None:
     raise click.ClickException(f"fleet service not ready after {timeout:.0f} s: {last}")
 
 
+DEV_TEAM = "dev-team"
+
+
+def _dev_staff(db_path: Path, signing_key: Path) -> dict[str, Any]:
+    """An IT admin with an API token, and a night nurse with a password and an enrolled TOTP
+    secret, created in the database before the service starts (dev stack only)."""
+    import pyotp
+    from sqlmodel import Session
+
+    from fleet import accounts, auth
+    from fleet.config import FleetSettings
+    from fleet.db import init_db, make_engine
+
+    engine = make_engine(f"sqlite:///{db_path}")
+    init_db(engine)
+    totp_key = FleetSettings(signing_key_file=signing_key).totp_key_path()
+    box = accounts.SecretBox.load_or_create(totp_key)
+    now = time.time()
+    password = secrets.token_urlsafe(12)
+    try:
+        with Session(engine) as session:
+            accounts.set_roles(session, "dev-admin", [auth.Role.IT_ADMIN], [], now=now, actor="dev")
+            token = auth.issue_token(session, "dev-admin", auth.Role.IT_ADMIN)
+            accounts.set_roles(
+                session, "dev-nurse", [auth.Role.NIGHT_STAFF], [DEV_TEAM], now=now, actor="dev"
+            )
+            accounts.set_password(session, "dev-nurse", password, now=now, actor="dev")
+            secret = accounts.begin_enrolment(session, "dev-nurse", box).secret
+            code = pyotp.TOTP(secret).at(now - 60)
+            accounts.confirm_enrolment(
+                session, "dev-nurse", code, box, now=now - 60, policy=accounts.Policy()
+            )
+            session.commit()
+    finally:
+        engine.dispose()
+    return {
+        "admin_token": token,
+        "nurse": {"staff_id": "dev-nurse", "password": password, "totp_secret": secret},
+    }
+
+
 @click.group()
 def dev() -> None:
     """Local development stack."""
@@ -104,6 +146,7 @@ def up(count: int, root: Path) -> None:
     except BrokerError as exc:
         raise click.ClickException(f"broker: {exc}") from None
     api_port = free_port()
+    enroll_port = free_port()
     key_path = root / "fleet" / "command-signing-key.pem"
     signing.load_or_create(key_path)  # the agents pin its public half
     pub = signing.public_key_path(key_path)
@@ -114,7 +157,12 @@ def up(count: int, root: Path) -> None:
         f'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.fleet_cert}"\n'
         f'key_file = "{pki.fleet_key}"\nsigning_key_file = "{key_path}"\n'
         f"api_port = {api_port}\noffline_after_s = 35\nsweep_interval_s = 10\n"
+        # Pairing (docs/technician.md): the dev CA signs device certificates.
+        f'\n[pairing]\npki_dir = "{pki.directory}"\nenroll_port = {enroll_port}\n'
+        f'broker_pid_file = "{broker.pid_path}"\n'
+        f'verification_uri = "http://127.0.0.1:{api_port}/pair"\n'
     )
+    staff = _dev_staff(root / "fleet" / "fleet.db", key_path)
     py = sys.executable
     fleet_pid = _spawn(
         [
@@ -133,19 +181,24 @@ def up(count: int, root: Path) -> None:
     )
     api = f"http://127.0.0.1:{api_port}"
     _wait_ready(api)
+    auth_header = {"Authorization": f"Bearer {staff['admin_token']}"}
     start = datetime.now(TZ) + timedelta(seconds=60)
     devices: list[dict[str, Any]] = []
     for i in range(1, count + 1):
         device_id = f"dev-sim-{i:02d}"
         cert, key = issue_device_cert(pki.directory, device_id, overwrite=True)
         httpx.post(
-            f"{api}/api/devices", json={"id": device_id, "resident_id": f"res-{i:04d}"}, timeout=10
+            f"{api}/api/devices",
+            json={"id": device_id, "resident_id": f"res-{i:04d}", "team": DEV_TEAM},
+            headers=auth_header,
+            timeout=10,
         ).raise_for_status()
         first = (start + timedelta(seconds=20 * (i - 1))).strftime("%H:%M:%S")
         for at, length in ((first, 120), ("22:00:00", 600), ("02:00:00", 600)):
             httpx.post(
                 f"{api}/api/windows",
                 json={"device_id": device_id, "start": at, "duration_s": length},
+                headers=auth_header,
                 timeout=10,
             ).raise_for_status()
         config = write_agent_config(
@@ -196,16 +249,24 @@ def up(count: int, root: Path) -> None:
             "command_public_key": str(pub),
         },
         "api_url": api,
+        "enroll_url": f"https://127.0.0.1:{enroll_port}",
         "metrics_url": f"{api}/metrics",
+        # Dev only: an IT admin token for the CLI, and a night nurse to try the pages with.
+        **staff,
         "devices": devices,
     }
-    (root / "stack.json").write_text(json.dumps(stack, indent=2))
+    stack_file = root / "stack.json"
+    stack_file.write_text(json.dumps(stack, indent=2))
+    stack_file.chmod(0o600)  # holds a token and a password
     click.echo(f"""
 Tillsyn Fleet dev stack is up ({count} simulated devices).
 
-  API          {api}/api/devices   (also /api/windows, /api/commands, /api/visits)
+  Pages        {api}/login   (night staff "dev-nurse": password and TOTP secret
+               under "nurse" in the stack file; add the secret to an authenticator app)
+  API          {api}/api/devices   (token: admin_token in the stack file; the CLI uses it)
   API docs     {api}/docs
   Metrics      {api}/metrics
+  Pairing      {api}/pair   (devices enroll at https://127.0.0.1:{enroll_port})
   Broker       mqtts://127.0.0.1:{broker.port}  (mutual TLS, CA {pki.ca_cert})
   Stack file   {root}/stack.json
   Logs         {root}/logs/
@@ -214,7 +275,7 @@ Each device has a window starting from {start:%H:%M:%S} (Stockholm time), 20 s a
 lasting 2 minutes: watch them arm and re-lock with
 
   .venv/bin/tillsyn devices list        .venv/bin/tillsyn commands list
-  .venv/bin/tillsyn look dev-sim-01 --staff nurse-1    (inside its window)
+  and look in (inside its window) as dev-nurse on {api}/night
 
 Kill a device to see a physical visit raised:  kill -9 {devices[0]["pid"]}
 then:  .venv/bin/tillsyn visits list

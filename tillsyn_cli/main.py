@@ -12,6 +12,9 @@ import click
 from broker.cli import broker, pki
 from firmware_agent.cli import agent
 from fleet.cli import commands, devices, fleet, look, visits, windows
+from fleet.cli_audit import audit_group
+from fleet.cli_pairing import device, inventory, pair
+from fleet.cli_plans import GROUPS as PLAN_GROUPS
 from fleet.cli_staff import staff
 
 from . import logs
@@ -23,12 +26,26 @@ from .devstack import dev
 @click.option(
     "--json-logs/--text-logs", default=None, help="Log format (default: JSON when not a terminal)."
 )
-def cli(verbose: int, json_logs: bool | None) -> None:
+@click.option(
+    "--token",
+    default=None,
+    envvar="TILLSYN_TOKEN",
+    help="API token for the API clients (default: $TILLSYN_TOKEN, else the dev stack's).",
+)
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, json_logs: bool | None, token: str | None) -> None:
     """Tillsyn Fleet: signed, fail-closed camera arming for night supervision."""
     logs.setup(verbose, json_lines=not sys.stderr.isatty() if json_logs is None else json_logs)
+    if token:
+        ctx.meta["tillsyn.token"] = token
 
 
 for group in (fleet, agent, pki, broker, dev, devices, windows, visits, commands, look, staff):
+    cli.add_command(group)
+cli.add_command(audit_group)
+for group in (pair, inventory, device):  # pairing and equipment (fleet/cli_pairing.py)
+    cli.add_command(group)
+for group in PLAN_GROUPS:  # plans, checks, escalations, night (fleet/cli_plans.py)
     cli.add_command(group)
 
 

@@ -64,6 +64,9 @@ class EventKind(StrEnum):
     TOKEN_REFUSED = "token_refused"
     CAMERA_FAULT = "camera_fault"
     CAMERA_RESTORED = "camera_restored"
+    # Video phone: a look is a call the resident must answer (never placed otherwise).
+    CALL_ANSWERED = "call_answered"
+    CALL_NOT_ANSWERED = "call_not_answered"  # counts as "not seen"
 
 
 class _Message(BaseModel):
@@ -130,7 +133,10 @@ def decode(model: type[M], payload: bytes) -> M:
         return model.model_validate_json(payload)
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        loc = err["loc"]
+        # An unexpected field's name is the sender's text: never echoed into logs.
+        known = bool(loc) and loc[0] in model.model_fields
+        where = ".".join(str(p) for p in loc) if known else "payload"
         raise MessageError(kind, f"{where}: {err['msg']}") from None
 
 

@@ -62,3 +62,37 @@ def subscription(channel: Channel, *, shared_group: str | None = None) -> str:
     """Wildcard filter for one channel of every device, optionally as a shared subscription."""
     filt = f"{DEVICE_ROOT}/+/{channel.value}"
     return f"$share/{shared_group}/{filt}" if shared_group else filt
+
+
+# Certificate renewal over the device's existing mutual-TLS identity (issue 4). Kept out
+# of :class:`Channel` on purpose: the fleet's ingest and the agent's report channels are
+# built from ``Channel``, and these two are a separate request/response pair.
+class CertChannel(StrEnum):
+    CSR = "csr"  # device -> fleet: renewal request (a CSR) or confirmation of the new cert
+    CERT = "cert"  # fleet -> device: the renewed certificate (or a refusal)
+
+
+def cert_topic(device_id: str, channel: CertChannel) -> str:
+    if not is_device_id(device_id):
+        raise TopicError(device_id, "not a valid device id")
+    return f"{DEVICE_ROOT}/{device_id}/{channel.value}"
+
+
+def parse_cert_topic(topic: str) -> tuple[str, CertChannel]:
+    """Split ``tillsyn/v1/dev/{id}/{csr|cert}``; anything else is a TopicError."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != DEVICE_ROOT:
+        raise TopicError(topic, "not a device topic")
+    device_id, channel = parts[3], parts[4]
+    if not is_device_id(device_id):
+        raise TopicError(topic, "not a valid device id")
+    try:
+        return device_id, CertChannel(channel)
+    except ValueError:
+        raise TopicError(topic, "not a certificate channel") from None
+
+
+def cert_subscription(*, shared_group: str | None = None) -> str:
+    """The fleet's filter for every device's renewal requests."""
+    filt = f"{DEVICE_ROOT}/+/{CertChannel.CSR.value}"
+    return f"$share/{shared_group}/{filt}" if shared_group else filt

@@ -14,11 +14,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from broker.pki import PkiPaths
 from firmware_agent.provision import write_agent_config
-from fleet import signing
+from fleet import accounts, auth, signing
+from fleet.db import init_db, make_engine
 from fleet.models import Device, Visit, Window
 from fleet.service import FleetService
 from tillsyn_protocol.windows import STOCKHOLM
@@ -39,6 +40,27 @@ async def wait_until(
             return last
         await asyncio.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def staff_token(
+    database_url: str,
+    staff_id: str = "it-admin-test",
+    role: auth.Role = auth.Role.IT_ADMIN,
+    teams: tuple[str, ...] = (),
+) -> str:
+    """Create (or update) a staff account in the fleet's database and issue it an API token."""
+    engine = make_engine(database_url)
+    init_db(engine)
+    try:
+        with Session(engine) as session:
+            accounts.set_roles(
+                session, staff_id, [role], list(teams), now=time.time(), actor="test"
+            )
+            token = auth.issue_token(session, staff_id, role)
+            session.commit()
+    finally:
+        engine.dispose()
+    return token
 
 
 def local_hms(seconds_from_now: float) -> tuple[str, float]:

@@ -61,7 +61,7 @@ NOT_AUTHORIZED = 0x87
 CONNACK_OK = b"\x20\x02\x00\x00"
 # PUBACK success, and 0x10 "no matching subscribers" (accepted, nobody listening).
 ACCEPTED = (0x00, 0x10)
-DEVICE_TOPICS = ("state", "hb", "status", "ack", "event")
+DEVICE_TOPICS = ("state", "hb", "status", "ack", "event", "csr")
 
 DeviceCert = Callable[[str], tuple[Path, Path]]
 
@@ -354,6 +354,37 @@ def test_session_takeover_does_not_leak_queued_commands(
     ]
 
 
+def test_device_renews_only_over_its_own_csr_and_cert_topics(
+    connect: Callable[..., Client], fleet: Client, new_device: Any
+) -> None:
+    """Certificate renewal (fleet/renewal.py): a device asks on its own ``csr`` and gets
+    the answer on its own ``cert``; it can neither ask for another device nor hand itself
+    (or anyone) a certificate."""
+    a_id, a_cert, a_key = new_device("renew")
+    b_id, b_cert, b_key = new_device("renew-other")
+    assert fleet.subscribe(dev_topic(a_id, "csr")) == GRANTED_QOS1
+    assert fleet.subscribe(dev_topic(b_id, "csr")) == GRANTED_QOS1
+    b = connect(b_cert, b_key)
+    assert b.subscribe(dev_topic(b_id, "cert")) == GRANTED_QOS1
+    a = connect(a_cert, a_key)
+    assert a.subscribe(dev_topic(a_id, "cert")) == GRANTED_QOS1
+    # Granted at SUBACK (2.0.11), filtered at delivery: see the module docstring.
+    assert a.subscribe(dev_topic(b_id, "cert")) == GRANTED_QOS1
+    assert a.publish(dev_topic(b_id, "csr"), b"csr-for-b") == NOT_AUTHORIZED
+    assert a.publish(dev_topic(a_id, "cert"), b"self-made") == NOT_AUTHORIZED
+    assert a.publish(dev_topic(b_id, "cert"), b"planted") == NOT_AUTHORIZED
+    assert a.publish(dev_topic(a_id, "csr"), b"csr-a") in ACCEPTED
+    assert fleet.wait_for(dev_topic(a_id, "csr"), b"csr-a") == [(dev_topic(a_id, "csr"), b"csr-a")]
+    assert fleet.publish(dev_topic(b_id, "cert"), b"cert-for-b") in ACCEPTED
+    assert fleet.publish(dev_topic(a_id, "cert"), b"cert-for-a") in ACCEPTED
+    assert a.wait_for(dev_topic(a_id, "cert"), b"cert-for-a") == [
+        (dev_topic(a_id, "cert"), b"cert-for-a")
+    ]
+    assert b.wait_for(dev_topic(b_id, "cert"), b"cert-for-b") == [
+        (dev_topic(b_id, "cert"), b"cert-for-b")
+    ]
+
+
 # ------------------------------------------------------------------- writing
 
 
@@ -513,6 +544,32 @@ def test_revoked_certificate_is_refused(
     assert private_broker.port == port
     assert_refused(mqtt_handshake(private_broker, ctx))
     assert mqtt_handshake(private_broker, other_ctx) == CONNACK_OK
+
+
+def test_revoked_device_is_kicked_by_a_fleet_session_takeover_and_stays_out(
+    private_broker: MosquittoProcess,
+    pki_dir: PkiPaths,
+    new_device: Any,
+    connect: Callable[..., Client],
+) -> None:
+    """What retirement relies on (fleet/certs.py): SIGHUP alone leaves a revoked device
+    connected, but the fleet connecting with the device's client id takes its session
+    over; the device is dropped and its reconnect is refused by the new CRL."""
+    device_id, cert, key = new_device("kicked")
+    ctx = make_client_ssl_context(pki_dir, cert, key)
+    live = connect(cert, key, broker=private_broker, client_id=device_id, session_expiry=300)
+    revoke(pki_dir.directory, cert)
+    private_broker.reload()
+    assert live.is_connected()
+    kicker = connect(
+        pki_dir.fleet_cert, pki_dir.fleet_key, broker=private_broker, client_id=device_id
+    )
+    deadline = time.monotonic() + WAIT
+    while live.is_connected():
+        assert time.monotonic() < deadline, "the takeover did not drop the revoked device"
+        time.sleep(0.02)
+    kicker.close()
+    assert_refused(mqtt_handshake(private_broker, ctx))
 
 
 # ------------------------------------------------------------------- launcher
