@@ -7,6 +7,8 @@ at once (camera fault, clock trouble); last-seen times are flushed every few sec
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tillsyn_protocol import CameraHealth, Heartbeat
@@ -14,7 +16,8 @@ from tillsyn_protocol import CameraHealth, Heartbeat
 
 @dataclass(slots=True)
 class Seen:
-    at: float  # fleet clock, epoch s
+    at: float  # fleet clock, epoch s: what is written to the database and shown
+    mono: float = 0.0  # monotonic s: silence is elapsed time, whatever the wall clock does
     heartbeat: Heartbeat | None = None
     skew_s: float | None = None
 
@@ -24,6 +27,9 @@ class Liveness:
     """Last contact per device; a device counts as silent after ``threshold_s``."""
 
     threshold_s: float
+    # Injected for tests; steps of the fleet's wall clock never make a device look silent
+    # (or alive): a last-seen time written just before a step stays comparable after it.
+    mono: Callable[[], float] = time.monotonic
     _seen: dict[str, Seen] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _online: set[str] = field(default_factory=set)
@@ -34,7 +40,7 @@ class Liveness:
         self, device_id: str, at: float, *, online: bool, camera: CameraHealth | None = None
     ) -> None:
         """Seed from the database at start-up: silence counts from ``at``, not from zero."""
-        self._seen[device_id] = Seen(at)
+        self._seen[device_id] = Seen(at, self.mono())
         self._camera[device_id] = camera
         if online:
             self._online.add(device_id)
@@ -44,7 +50,7 @@ class Liveness:
         entry = self._seen.get(device_id)
         if entry is None:
             entry = self._seen[device_id] = Seen(now)
-        entry.at = now
+        entry.at, entry.mono = now, self.mono()
         if heartbeat is not None:
             entry.heartbeat = heartbeat
             entry.skew_s = round(heartbeat.ts - now, 3)
@@ -56,21 +62,16 @@ class Liveness:
         self._online.add(device_id)
         return was_offline
 
-    def clock_stepped(self, delta: float) -> None:
-        """The fleet clock jumped by ``delta``: silence is elapsed time, so move contacts too."""
-        for entry in self._seen.values():
-            entry.at += delta
-
     def gone(self, device_id: str) -> None:
         self._online.discard(device_id)
 
     def is_online(self, device_id: str) -> bool:
         return device_id in self._online
 
-    def silent(self, now: float) -> list[tuple[str, float]]:
+    def silent(self) -> list[tuple[str, float]]:
         """Online devices not heard from within the threshold, with their last contact."""
-        limit = now - self.threshold_s
-        out = [(d, self._seen[d].at) for d in self._online if self._seen[d].at < limit]
+        limit = self.mono() - self.threshold_s
+        out = [(d, self._seen[d].at) for d in self._online if self._seen[d].mono < limit]
         for device_id, _ in out:
             self._online.discard(device_id)
         return out
@@ -86,8 +87,9 @@ class Liveness:
         out, self._camera_changed = self._camera_changed, {}
         return out
 
-    def ages(self, now: float) -> list[float]:
-        return [now - s.at for d, s in self._seen.items() if d in self._online]
+    def ages(self) -> list[float]:
+        now = self.mono()
+        return [now - s.mono for d, s in self._seen.items() if d in self._online]
 
     def online_count(self) -> int:
         return len(self._online)

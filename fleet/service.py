@@ -197,16 +197,15 @@ class FleetService:
         )
 
     async def _liveness(self) -> None:
-        if step := self.plans.clock_step():
-            self.liveness.clock_stepped(step)  # silence is elapsed time, not a clock jump
+        if self.plans.clock_step():  # (silence is monotonic time: liveness needs no shift)
             await self.reconcile(None)  # re-plans every edge on the scheduler's clock
         now = self.clock()
         self.metrics.scheduler_heartbeat.set(now)
-        ages = self.liveness.ages(now)
+        ages = self.liveness.ages()
         for age in ages:
             self.metrics.heartbeat_age.observe(age)
         self.metrics.heartbeat_age_max.set(max(ages, default=0.0))
-        touched = await self.db(self.ops.mark_silent, self.liveness.silent(now), now)
+        touched = await self.db(self.ops.mark_silent, self.liveness.silent(), now)
         touched += await self.db(
             self.ops.flush_liveness, self.liveness.drain(), self.liveness.drain_camera(), now
         )
