@@ -83,6 +83,12 @@ def _wait_ready(url: str, timeout: float = 30.0) -> None:
 
 
 DEV_TEAM = "dev-team"
+DEMO_WINDOW_S = 180
+
+
+def _seconds_of_day(hms: str) -> int:
+    parts = [int(p) for p in hms.split(":")] + [0]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 def _dev_staff(db_path: Path, signing_key: Path) -> dict[str, Any]:
@@ -193,14 +199,32 @@ def up(count: int, root: Path) -> None:
             headers=auth_header,
             timeout=10,
         ).raise_for_status()
-        first = (start + timedelta(seconds=20 * (i - 1))).strftime("%H:%M:%S")
-        for at, length in ((first, 120), ("22:00:00", 600), ("02:00:00", 600)):
-            httpx.post(
-                f"{api}/api/windows",
-                json={"device_id": device_id, "start": at, "duration_s": length},
-                headers=auth_header,
-                timeout=10,
-            ).raise_for_status()
+        first_at = start + timedelta(seconds=20 * (i - 1))
+        first = first_at.strftime("%H:%M:%S")
+        # A care plan: a demo check soon, and the usual night checks (unless they would
+        # overlap the demo one: a plan's checks are at least one window apart).
+        times = [first] + [
+            t
+            for t in ("22:00", "02:00")
+            if abs(_seconds_of_day(t) - _seconds_of_day(first)) > 2 * DEMO_WINDOW_S
+        ]
+        httpx.post(
+            f"{api}/api/plans",
+            json={
+                "resident_id": f"res-{i:04d}",
+                "device_id": device_id,
+                "team": DEV_TEAM,
+                "check_times": times,
+                "window_s": DEMO_WINDOW_S,
+                "look_s": 30,
+                "consent_ref": f"dev-consent-{i:04d}",
+                "consent_date": str(first_at.date()),
+                "activate": True,
+                "reason": "dev stack demo plan",
+            },
+            headers=auth_header,
+            timeout=10,
+        ).raise_for_status()
         config = write_agent_config(
             root / "agents" / f"{device_id}.toml",
             device_id=device_id,
@@ -271,8 +295,9 @@ Tillsyn Fleet dev stack is up ({count} simulated devices).
   Stack file   {root}/stack.json
   Logs         {root}/logs/
 
-Each device has a window starting from {start:%H:%M:%S} (Stockholm time), 20 s apart,
-lasting 2 minutes: watch them arm and re-lock with
+Each device has a care plan with a check starting from {start:%H:%M:%S} (Stockholm time),
+20 s apart, lasting 3 minutes, plus the night checks at 22:00 and 02:00: watch them arm and
+re-lock with
 
   .venv/bin/tillsyn devices list        .venv/bin/tillsyn commands list
   and look in (inside its window) as dev-nurse on {api}/night
