@@ -36,6 +36,7 @@ from .liveness import Seen
 from .metrics import UNLABELLED_REFUSAL, FleetMetrics
 from .models import Command, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
+from .plan_models import Check, Outcome
 from .reconcile import Policy, device_spans, next_edge_for, open_span, reconcile_device
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,23 @@ class FleetOps:
                 case EventKind.BOOT | EventKind.STATE_CHANGED:
                     pass
             return []
+
+    def call_not_answered(self, device_id: str, look_id: str, now: float) -> list[Publish]:
+        """A video phone's call was not answered: for its check that is *not seen*, with the
+        same recheck and escalation as when staff saw nobody on a camera."""
+        with self.session() as session:
+            look = session.get(Look, look_id)
+            if look is None or look.device_id != device_id:
+                return []
+            check = session.exec(
+                select(Check).where(Check.last_look_id == look_id, col(Check.outcome).is_(None))
+            ).first()
+            if check is None or check.id is None:
+                return []
+            _, out = checks.record_outcome(
+                session, self.check_ctx, check.id, Outcome.NOT_SEEN, staff=look.staff_id, now=now
+            )
+            return out
 
     def _look_event(self, session: Session, device: Device, event: Event, now: float) -> None:
         look = session.get(Look, event.look_id) if event.look_id else None

@@ -13,6 +13,7 @@ from tillsyn_protocol import (
     Ack,
     Channel,
     Event,
+    EventKind,
     Heartbeat,
     MessageError,
     StateReport,
@@ -26,6 +27,7 @@ from .core import FleetOps
 from .errors import NotFound
 from .liveness import Liveness
 from .metrics import FleetMetrics
+from .outbound import Publish
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Ingest:
         db: RunDb,
         reconcile: Callable[[list[str]], Awaitable[None]],
         clock: Callable[[], float],
+        publish: Callable[[list[Publish]], Awaitable[None]] | None = None,
     ) -> None:
         self._ops = ops
         self._live = liveness
@@ -53,6 +56,7 @@ class Ingest:
         self._db = db
         self._reconcile = reconcile
         self._clock = clock
+        self._publish = publish
         self.known: set[str] = set()
 
     def _reject(self, channel: str, why: str, device_id: str | None, detail: str) -> None:
@@ -110,7 +114,13 @@ class Ingest:
             case Channel.EVENT:
                 event = decode(Event, payload)
                 touched = await self._contact(device_id, now)
-                return touched + await self._db(ops.on_event, device_id, event, now)
+                touched += await self._db(ops.on_event, device_id, event, now)
+                if event.kind is EventKind.CALL_NOT_ANSWERED and event.look_id:
+                    pubs = await self._db(ops.call_not_answered, device_id, event.look_id, now)
+                    if pubs and self._publish is not None:
+                        await self._publish(pubs)
+                    touched.append(device_id)
+                return touched
             case Channel.CMD:
                 self._reject("cmd", "unexpected", device_id, "the fleet does not read commands")
                 return []

@@ -71,6 +71,7 @@ class FleetService:
             db=self.db,
             reconcile=self.reconcile,
             clock=clock,
+            publish=self.publish,
         )
         self.link = MqttLink(settings, self.metrics, self.ingest.handle, self._on_connect)
         self.scheduler = FleetScheduler(

@@ -415,3 +415,25 @@ def test_coverage_lists_what_went_wrong_last_night(ops: FleetOps) -> None:
         ("device", "device dev-p1 is offline"),
     ]
     assert ops.run(lambda s: s.exec(select(Command)).all())  # sanity: the night did run
+
+
+def test_unanswered_video_call_counts_as_not_seen(ops: FleetOps) -> None:
+    plan_id = make_plan(ops)
+    first = night_checks(ops, plan_id)[0]
+    assert first.id is not None
+    ops.reconcile(None, at(11, 22, 0, 1))
+    armed(ops, "dev-p1", at(11, 22, 10), at(11, 22, 0, 2))
+    look(ops, first.id, at(11, 22, 1), staff="nurse-4")
+    (row,) = [c for c in night_checks(ops, plan_id) if c.id == first.id]
+    assert row.last_look_id is not None
+    # Another device cannot answer for it; an unknown look changes nothing.
+    assert ops.call_not_answered("dev-p2", row.last_look_id, at(11, 22, 2)) == []
+    assert ops.call_not_answered("dev-p1", "nope", at(11, 22, 2)) == []
+    assert ops.call_not_answered("dev-p1", row.last_look_id, at(11, 22, 2)) == []
+    checks_now = night_checks(ops, plan_id)
+    (row,) = [c for c in checks_now if c.id == first.id]
+    assert row.outcome is Outcome.NOT_SEEN and row.outcome_by == "nurse-4"
+    assert row.state is CheckState.RECHECK_DUE
+    assert any(c.parent_id == first.id for c in checks_now)  # the recheck window
+    # Reported twice (a duplicate event): still one outcome, no error.
+    assert ops.call_not_answered("dev-p1", row.last_look_id, at(11, 22, 3)) == []
