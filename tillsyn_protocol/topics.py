@@ -38,20 +38,28 @@ def is_device_id(value: str) -> bool:
     return bool(_DEVICE_ID_RE.fullmatch(value))
 
 
-def device_topic(device_id: str, channel: Channel) -> str:
+def _topic(device_id: str, channel: str) -> str:
     if not is_device_id(device_id):
         raise TopicError(device_id, "not a valid device id")
-    return f"{DEVICE_ROOT}/{device_id}/{channel.value}"
+    return f"{DEVICE_ROOT}/{device_id}/{channel}"
+
+
+def _split(topic: str) -> tuple[str, str]:
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != DEVICE_ROOT:
+        raise TopicError(topic, "not a device topic")
+    if not is_device_id(parts[3]):
+        raise TopicError(topic, "not a valid device id")
+    return parts[3], parts[4]
+
+
+def device_topic(device_id: str, channel: Channel) -> str:
+    return _topic(device_id, channel.value)
 
 
 def parse_device_topic(topic: str) -> tuple[str, Channel]:
     """Split ``tillsyn/v1/dev/{id}/{channel}``; anything else is a TopicError."""
-    parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != DEVICE_ROOT:
-        raise TopicError(topic, "not a device topic")
-    device_id, channel = parts[3], parts[4]
-    if not is_device_id(device_id):
-        raise TopicError(topic, "not a valid device id")
+    device_id, channel = _split(topic)
     try:
         return device_id, Channel(channel)
     except ValueError:
@@ -73,19 +81,12 @@ class CertChannel(StrEnum):
 
 
 def cert_topic(device_id: str, channel: CertChannel) -> str:
-    if not is_device_id(device_id):
-        raise TopicError(device_id, "not a valid device id")
-    return f"{DEVICE_ROOT}/{device_id}/{channel.value}"
+    return _topic(device_id, channel.value)
 
 
 def parse_cert_topic(topic: str) -> tuple[str, CertChannel]:
     """Split ``tillsyn/v1/dev/{id}/{csr|cert}``; anything else is a TopicError."""
-    parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != DEVICE_ROOT:
-        raise TopicError(topic, "not a device topic")
-    device_id, channel = parts[3], parts[4]
-    if not is_device_id(device_id):
-        raise TopicError(topic, "not a valid device id")
+    device_id, channel = _split(topic)
     try:
         return device_id, CertChannel(channel)
     except ValueError:
