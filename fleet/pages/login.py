@@ -8,6 +8,7 @@ second factor replaces it with a full session under a new id.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -132,9 +133,14 @@ def login_router(service: FleetService, pages: Pages) -> APIRouter:
             pending_csrf=row.csrf,
         )
 
-    @router.post("/login/totp")
-    async def totp_submit(request: Request) -> Response:
-        row = await pending(request, "totp")
+    async def _code_step(
+        request: Request,
+        stage: str,
+        check: Callable[..., accounts.Refusal | None],
+        refused: Callable[[str, str | None], Response],
+    ) -> Response:
+        """The posted TOTP code of a pending session (login or enrolment) -> full session."""
+        row = await pending(request, stage)
         form = await sessions.form(request)
         nxt = _safe_next(form.get("next"))
         if row is None or not hmac.compare_digest(form.get("csrf", ""), row.csrf):
@@ -142,18 +148,23 @@ def login_router(service: FleetService, pages: Pages) -> APIRouter:
         staff_id, box, now, ip = row.staff_id, service.totp_box, service.clock(), _ip(request)
 
         def q(s: Session) -> accounts.Refusal | None:
-            return accounts.check_totp(
-                s, staff_id, form.get("code", ""), box, now=now, policy=policy, ip=ip
-            )
+            return check(s, staff_id, form.get("code", ""), box, now=now, policy=policy, ip=ip)
 
         refusal: accounts.Refusal | None = await service.db(service.ops.run, q)
         if refusal is accounts.Refusal.LOCKED:
             return await _end_pending(request, "/login?m=locked")
         if refusal is not None:
-            return pages.render(
-                request, "totp.html", 401, next=nxt, pending_csrf=row.csrf, error="code_failed"
-            )
+            return refused(row.csrf, nxt)
         return await begin(request, staff_id, "full", nxt)
+
+    @router.post("/login/totp")
+    async def totp_submit(request: Request) -> Response:
+        def refused(csrf: str, nxt: str | None) -> Response:
+            return pages.render(
+                request, "totp.html", 401, next=nxt, pending_csrf=csrf, error="code_failed"
+            )
+
+        return await _code_step(request, "totp", accounts.check_totp, refused)
 
     @router.get("/login/enrol")
     async def enrol_page(request: Request) -> Response:
@@ -181,24 +192,10 @@ def login_router(service: FleetService, pages: Pages) -> APIRouter:
 
     @router.post("/login/enrol")
     async def enrol_submit(request: Request) -> Response:
-        row = await pending(request, "enrol")
-        form = await sessions.form(request)
-        nxt = _safe_next(form.get("next"))
-        if row is None or not hmac.compare_digest(form.get("csrf", ""), row.csrf):
-            return redirect("/login?m=expired")
-        staff_id, box, now, ip = row.staff_id, service.totp_box, service.clock(), _ip(request)
-
-        def q(s: Session) -> accounts.Refusal | None:
-            return accounts.confirm_enrolment(
-                s, staff_id, form.get("code", ""), box, now=now, policy=policy, ip=ip
-            )
-
-        refusal: accounts.Refusal | None = await service.db(service.ops.run, q)
-        if refusal is accounts.Refusal.LOCKED:
-            return await _end_pending(request, "/login?m=locked")
-        if refusal is not None:
+        def refused(_csrf: str, nxt: str | None) -> Response:
             return redirect("/login/enrol?e=1" + (f"&next={nxt}" if nxt else ""))
-        return await begin(request, staff_id, "full", nxt)
+
+        return await _code_step(request, "enrol", accounts.confirm_enrolment, refused)
 
     async def _end_pending(request: Request, target: str) -> Response:
         value = sessions.read_cookie(request)
