@@ -1,43 +1,85 @@
-"""The floor for ingest: an aiomqtt subscriber that only counts heartbeats.
+"""The floor for ingest: a subscriber with the same subscriptions and TLS whose message
+handler only counts. Two flavours of the same client library (paho-mqtt):
 
-python -m bench._bare_subscriber PORT CA CERT KEY   -> prints "ready", then {"received": N}
+- ``lean`` (default): the fleet's own client, ``fleet.mqtt.NetworkThread`` (paho driven
+  by our network thread, paho's topic matcher and callback lock bypassed);
+- ``stock``: paho-mqtt as its documentation writes a subscriber (``loop_start()``,
+  ``on_message``), the "bare paho subscriber" a reader would build.
+
+python -m bench._bare_subscriber PORT CA CERT KEY [lean|stock]
+    -> prints "ready", then {"received": N}
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import ssl
 import sys
+import threading
+import time
 
-import aiomqtt
+from fleet.mqtt import INGEST_CHANNELS, LinkConfig, NetworkThread, client_tls_context
+from tillsyn_protocol import subscription
 
 
-async def main(port: int, ca: str, cert: str, key: str) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(ca)
-    ctx.load_cert_chain(cert, key)
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        tls_context=ctx,
-        identifier="bare-sub",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        max_queued_incoming_messages=0,
-    ) as client:
-        await client.subscribe("tillsyn/v1/dev/+/hb", qos=1)
-        print("ready", flush=True)
-        received = 0
-        stream = client.messages.__aiter__()
-        while True:
-            try:
-                # Done when the stream has been idle for 3 s after the first message.
-                await asyncio.wait_for(stream.__anext__(), 3 if received else 300)
-            except TimeoutError:
-                break
-            received += 1
-        print(json.dumps({"received": received}), flush=True)
+def stock_client(port: int, ca: str, cert: str, key: str, count, up: threading.Event):
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="bare-sub-stock", protocol=mqtt.MQTTv5
+    )
+    client.tls_set_context(client_tls_context(ca, cert, key))
+
+    def on_connect(c, _userdata, _flags, _reason, _props) -> None:
+        c.subscribe([(subscription(ch), 1) for ch in INGEST_CHANNELS])
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_args: up.set()  # SUBACK: the broker routes to us now
+    client.on_message = lambda _c, _u, msg: count(msg.topic, msg.payload)
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    return client
+
+
+def main(port: int, ca: str, cert: str, key: str, flavour: str = "lean") -> None:
+    received = 0
+    up = threading.Event()
+
+    def count(_topic: str, _payload: bytes) -> None:
+        nonlocal received
+        received += 1
+
+    if flavour == "stock":
+        client = stock_client(port, ca, cert, key, count, up)
+        stop = client.loop_stop
+    else:
+        net = NetworkThread(
+            LinkConfig(
+                host="127.0.0.1",
+                port=port,
+                client_id="bare-sub",
+                tls=client_tls_context(ca, cert, key),
+                subscriptions=tuple(subscription(c) for c in INGEST_CHANNELS),
+                persistent=False,
+            ),
+            on_message=count,
+            on_state=lambda is_up: up.set() if is_up else None,
+        )
+        net.start()
+        stop = net.stop
+    if not up.wait(30):
+        raise SystemExit("bare subscriber could not connect")
+    print("ready", flush=True)
+    deadline = time.monotonic() + 300
+    while received == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Done when no message arrived for 3 s.
+    last = -1
+    while received != last:
+        last = received
+        time.sleep(3)
+    stop()
+    print(json.dumps({"received": received}), flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), *sys.argv[2:5]))
+    main(int(sys.argv[1]), *sys.argv[2:6])

@@ -1,10 +1,14 @@
 """Ingest ceiling: heartbeats per CPU-second the fleet service absorbs (full validation and
-liveness logic), against a bare aiomqtt subscriber on the same broker, in the same run.
+liveness logic), against a bare subscriber on the same broker, in the same run: the
+fleet's own MQTT client (``fleet.mqtt.NetworkThread``, same subscriptions) with a
+handler that only counts (``bench/_bare_subscriber.py``).
 
 Both consumers run as their own process; throughput is normalised by that process's CPU
-time, which is "per core" whatever else the machine does during the run.
+time, which is "per core" whatever else the machine does during the run. The fleet's CPU
+is also reported per thread (the MQTT network thread first).
 
-    .venv/bin/python bench/ingest_ceiling.py [--messages 200000] [--devices 10000]
+    .venv/bin/python -m bench.ingest_ceiling [--messages 200000] [--devices 10000]
+        [--profile out.txt]   (py-spy, raw format for .txt, else a flame graph)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench._common import (
+    CLK_TCK,
     cpu_seconds,
     device_ids,
     publish_load,
@@ -28,7 +33,7 @@ from bench._common import (
 from broker.launcher import free_port
 
 
-def run_bare(pki, port: int, ids: list[str], total: int) -> dict:
+def run_bare(pki, port: int, ids: list[str], total: int, flavour: str = "lean") -> dict:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -38,6 +43,7 @@ def run_bare(pki, port: int, ids: list[str], total: int) -> dict:
             str(pki.ca_cert),
             str(pki.fleet_cert),
             str(pki.fleet_key),
+            flavour,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -116,7 +122,7 @@ def run_fleet(
     if profile:  # py-spy attached to the service: where the ingest time goes
         spy = subprocess.Popen(
             [
-                "py-spy",
+                _py_spy(),
                 "record",
                 "-p",
                 str(proc.pid),
@@ -131,7 +137,9 @@ def run_fleet(
             stderr=subprocess.DEVNULL,
         )
     cpu0 = cpu_seconds(proc.pid)
+    threads0 = thread_cpu(proc.pid)
     wall = publish_load(pki, port, ids, total)
+    cpu_publish = cpu_seconds(proc.pid) - cpu0
     # Wait until the fleet has drained what the broker delivered.
     last, stable = -1.0, 0
     while stable < 5:
@@ -140,11 +148,40 @@ def run_fleet(
         stable = stable + 1 if n == last else 0
         last = n
     cpu = cpu_seconds(proc.pid) - cpu0
+    threads1 = thread_cpu(proc.pid)
+    # Per thread: the MQTT network thread is the busiest; then the event loop and the DB.
+    per_thread = sorted(
+        (round(t - threads0.get(tid, 0.0), 2) for tid, t in threads1.items()), reverse=True
+    )
     proc.terminate()
     if spy is not None:
         spy.wait(30)
     proc.wait(15)
-    return {"received": int(last), "cpu_s": cpu, "publish_wall_s": wall}
+    return {
+        "received": int(last),
+        "cpu_s": cpu,
+        "cpu_s_while_publishing": cpu_publish,
+        "cpu_s_per_thread": [t for t in per_thread if t > 0][:4],
+        "publish_wall_s": wall,
+    }
+
+
+def _py_spy() -> str:
+    """py-spy beside this interpreter (pip install py-spy into the venv), else on PATH."""
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else "py-spy"
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds per thread of a process (Linux /proc)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def main() -> None:
@@ -159,11 +196,13 @@ def main() -> None:
         try:
             ids = device_ids(args.devices)
             bare = run_bare(pki, broker.port, ids, args.messages)
+            stock = run_bare(pki, broker.port, ids, args.messages, "stock")
             fleet = run_fleet(pki, broker.port, root, ids, args.messages, args.profile)
         finally:
             broker.stop()
     bare_rate = bare["received"] / bare["cpu_s"]
     fleet_rate = fleet["received"] / fleet["cpu_s"]
+    stock_rate = stock["received"] / stock["cpu_s"]
     print(
         json.dumps(
             {
@@ -177,7 +216,9 @@ def main() -> None:
                 },
                 "bare_subscriber": {**bare, "msgs_per_cpu_s": round(bare_rate)},
                 "fleet_service": {**fleet, "msgs_per_cpu_s": round(fleet_rate)},
+                "stock_paho_subscriber": {**stock, "msgs_per_cpu_s": round(stock_rate)},
                 "fleet_vs_bare": round(fleet_rate / bare_rate, 3),
+                "fleet_vs_stock_paho": round(fleet_rate / stock_rate, 3),
                 "target": {"fleet_msgs_per_cpu_s": 8000, "fleet_vs_bare": 0.7},
             },
             indent=2,

@@ -197,6 +197,20 @@ OVERVIEW = Dashboard(
             [q("sum by (cause) (increase(tillsyn_visits_raised_total[1h]))", "{{cause}}")],
             "Why digital checks were replaced by physical visits.",
         ),
+        series(
+            "Platform incident",
+            [
+                q("max(tillsyn_platform_incident_active)", "open"),
+                q(
+                    "sum by (reason) (increase(tillsyn_platform_incidents_total[1h]))",
+                    "opened per hour ({{reason}})",
+                ),
+            ],
+            "1 while the fleet holds a platform incident open: many devices lost at once, or "
+            "its own broker link down (TillsynPlatformIncident). One outage, one incident; "
+            "each resident's visit is still raised.",
+            width=24,
+        ),
     ),
 )
 

@@ -140,7 +140,7 @@ def create_app(service: FleetService) -> FastAPI:
 
     @app.get("/api/devices")
     async def list_devices(scope: Viewer) -> list[dict[str, Any]]:
-        stmt = scope.where_device(select(Device), Device.id)
+        stmt = scope.where_device(select(Device).order_by(col(Device.id)), Device.id)
         rows = await service.db(ops.run, lambda s: s.exec(stmt).all())
         return [service.device_json(d) for d in rows]
 
@@ -159,7 +159,8 @@ def create_app(service: FleetService) -> FastAPI:
     @app.get("/api/windows")
     async def list_windows(scope: Viewer, device_id: str | None = None) -> list[dict[str, Any]]:
         def q(s: Any) -> Any:
-            stmt = scope.where_device(select(Window).where(col(Window.active)), Window.device_id)
+            stmt = select(Window).where(col(Window.active)).order_by(col(Window.id))
+            stmt = scope.where_device(stmt, Window.device_id)
             if device_id:
                 stmt = stmt.where(Window.device_id == device_id)
             return s.exec(stmt).all()

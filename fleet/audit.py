@@ -17,11 +17,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete
+from sqlalchemy import text as sql
 from sqlmodel import Session, col, select
 
 from .models import AuditEvent
 
 GENESIS = "0" * 64
+# pg advisory lock key of the chain's head: b"tillaud" as a number, visible in pg_locks.
+HEAD_LOCK_KEY = int.from_bytes(b"tillaud", "big")
+_HEAD_LOCKED = "tillsyn.audit_head_locked"
+
+
+def lock_head(session: Session) -> None:
+    """Take the chain's head for the rest of this transaction (PostgreSQL).
+
+    Two replicas appending at once would read the same head, and the unique ``prev_hash``
+    would fail the second transaction (an ack or a look lost). Under this lock the second
+    waits and, READ COMMITTED, reads the head the first committed. (SQLite keeps the
+    unique ``prev_hash`` alone: there a fork still fails the second transaction.)
+    """
+    tx = session.get_transaction()
+    if tx is not None and session.info.get(_HEAD_LOCKED) is tx:
+        return  # already held: released at this transaction's end
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    session.execute(sql("SELECT pg_advisory_xact_lock(:k)"), {"k": HEAD_LOCK_KEY})
+    session.info[_HEAD_LOCKED] = session.get_transaction()
 
 
 def _digest(prev: str, ts: float, actor: str, action: str, subject: str | None, detail: str) -> str:
@@ -39,6 +60,7 @@ def append(
     **detail: Any,
 ) -> AuditEvent:
     """Add one entry in the caller's transaction (so it commits with the change it records)."""
+    lock_head(session)
     last = session.exec(select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(1)).first()
     prev = last.hash if last else GENESIS
     text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)

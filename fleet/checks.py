@@ -34,7 +34,7 @@ from tillsyn_protocol import CameraHealth, CommandKind, LockState
 from . import audit, visits
 from .errors import Conflict, NotFound
 from .metrics import FleetMetrics
-from .models import Command, CommandStatus, Connectivity, Device, Visit, VisitCause
+from .models import Connectivity, Device, Visit, VisitCause
 from .outbound import Publish
 from .plan_models import (
     ARMING_STATES,
@@ -64,6 +64,7 @@ from .plan_rules import (
     planned_night,
     recheck_window,
 )
+from .snapshot import DeviceData
 
 log = logging.getLogger(__name__)
 
@@ -305,13 +306,6 @@ def link_visit_key(session: Session, key: str, checks: Sequence[Check]) -> None:
         link_visit(session, visit, checks)
 
 
-def has_visit(session: Session, check: Check) -> bool:
-    return (
-        session.exec(select(VisitLink.visit_id).where(VisitLink.check_id == check.id)).first()
-        is not None
-    )
-
-
 # --- what the device should do ----------------------------------------------------------
 
 
@@ -326,6 +320,13 @@ def device_checks(session: Session, device_id: str, lo: float, hi: float) -> lis
     return sorted(session.exec(stmt).all(), key=lambda c: c.start_at)
 
 
+def overlapping(arming: Iterable[Check], lo: float, hi: float) -> list[Check]:
+    """Of these checks, those whose window overlaps [lo, hi), by start."""
+    return sorted(
+        (c for c in arming if c.end_at > lo and c.start_at < hi), key=lambda c: c.start_at
+    )
+
+
 def open_check(session: Session, device_id: str, now: float) -> Check | None:
     found = [c for c in device_checks(session, device_id, now, now + 1) if c.start_at <= now]
     return found[0] if found else None
@@ -334,25 +335,24 @@ def open_check(session: Session, device_id: str, now: float) -> Check | None:
 # --- time moves checks on ---------------------------------------------------------------
 
 
-def advance_device(session: Session, ctx: Ctx, device: Device, now: float) -> list[Publish]:
+def advance_device(session: Session, ctx: Ctx, data: DeviceData, now: float) -> list[Publish]:
     """Open checks whose window started; settle those whose window ended; time out calls."""
     out: list[Publish] = []
-    stmt = select(Check).where(
-        Check.device_id == device.id,
-        col(Check.state).in_(ARMING_STATES),
-        Check.start_at <= now,
-    )
-    for check in session.exec(stmt).all():
+    for check in data.arming():
+        if check.start_at > now:
+            continue
         if now >= check.end_at:
-            out += _window_ended(session, ctx, check, now)
+            out += _window_ended(session, ctx, check, now, visited=check.id in data.visited)
         elif check.state is CheckState.UPCOMING:
             _set_state(session, check, CheckState.OPEN, now)
-    out += advance_escalations(session, ctx, now, device_id=device.id)
+    out += time_out_steps(session, ctx, data.steps, now)
     return out
 
 
-def _window_ended(session: Session, ctx: Ctx, check: Check, now: float) -> list[Publish]:
-    if has_visit(session, check):
+def _window_ended(
+    session: Session, ctx: Ctx, check: Check, now: float, *, visited: bool
+) -> list[Publish]:
+    if visited:
         _set_state(session, check, CheckState.VISIT, now)
         ctx.metrics.checks.labels(outcome="device_failed").inc()
         return []
@@ -384,16 +384,15 @@ def _window_ended(session: Session, ctx: Ctx, check: Check, now: float) -> list[
 def preflight(
     session: Session,
     ctx: Ctx,
-    device: Device,
+    data: DeviceData,
     now: float,
     *,
     window_open: bool,
 ) -> list[Publish]:
     """``preflight_s`` before a check: raise its visit now if the device cannot do it."""
     out: list[Publish] = []
-    soon = [
-        c for c in device_checks(session, device.id, now, now + ctx.preflight_s) if c.start_at > now
-    ]
+    device = data.device
+    soon = [c for c in overlapping(data.arming(), now, now + ctx.preflight_s) if c.start_at > now]
     if not soon:
         return out
     check = soon[0]
@@ -408,7 +407,7 @@ def preflight(
     skew = device.clock_skew_s
     if device.clock_synced is False or (skew is not None and abs(skew) > CLOCK_SKEW_LIMIT_S):
         problems.append(("clock", VisitCause.CLOCK_UNSYNCED))
-    if not window_open and _stuck_unlocked(session, device, now):
+    if not window_open and _stuck_unlocked(data, now):
         problems.append(("mismatch", VisitCause.LOCK_MISMATCH))
     start = int(check.start_at)
     for tag, cause in problems:
@@ -435,23 +434,19 @@ def preflight(
     return out
 
 
-def _stuck_unlocked(session: Session, device: Device, now: float) -> bool:
+def _stuck_unlocked(data: DeviceData, now: float) -> bool:
     """Reported armed with no window open, and not just about to fix itself: not its own
     re-lock at the window end, nor a disarm the fleet sent less than a minute ago."""
+    device = data.device
     if device.reported_state is LockState.LOCKED:
         return False
     ends = device.armed_until
     if ends is not None and ends <= now < ends + LOCK_GRACE_S:
         return False
-    recent = session.exec(
-        select(Command.id).where(
-            Command.device_id == device.id,
-            Command.kind == CommandKind.DISARM,
-            Command.status == CommandStatus.PENDING,
-            Command.created_at > now - MISMATCH_GRACE_S,
-        )
-    ).first()
-    return recent is None
+    return not any(
+        c.kind is CommandKind.DISARM and c.created_at > now - MISMATCH_GRACE_S
+        for c in data.pending_now()
+    )
 
 
 # --- staff: looks and outcomes ----------------------------------------------------------
@@ -687,17 +682,13 @@ def _next_step(session: Session, ctx: Ctx, step: EscalationStep, now: float) -> 
     return _run_step(session, ctx, plan, check, step.step + 1, step.why, now)
 
 
-def advance_escalations(
-    session: Session, ctx: Ctx, now: float, *, device_id: str | None = None
+def time_out_steps(
+    session: Session, ctx: Ctx, steps: Iterable[EscalationStep], now: float
 ) -> list[Publish]:
     """Open call tasks nobody completed in time move the chain on (actor: scheduler)."""
-    stmt = select(EscalationStep).where(
-        EscalationStep.status == StepStatus.OPEN, EscalationStep.due_at <= now
-    )
     out: list[Publish] = []
-    for step in session.exec(stmt).all():
-        check = session.get(Check, step.check_id)
-        if device_id is not None and (check is None or check.device_id != device_id):
+    for step in steps:
+        if step.status is not StepStatus.OPEN or step.due_at > now:
             continue
         step.status, step.done_at, step.done_by = StepStatus.TIMED_OUT, now, "scheduler"
         session.add(step)
@@ -722,16 +713,6 @@ def cancel_escalation(session: Session, check: Check, staff: str, now: float) ->
     for step in session.exec(stmt).all():
         step.status, step.done_at, step.done_by = StepStatus.CANCELLED, now, staff
         session.add(step)
-
-
-def next_deadlines(session: Session, device_id: str, now: float) -> list[float]:
-    """Instants at which this device's checks need attention even if nothing happens."""
-    steps = session.exec(
-        select(EscalationStep.due_at)
-        .join(Check, col(Check.id) == col(EscalationStep.check_id))
-        .where(Check.device_id == device_id, EscalationStep.status == StepStatus.OPEN)
-    ).all()
-    return [t for t in steps if t > now]
 
 
 def check_json(check: Check) -> dict[str, Any]:

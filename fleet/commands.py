@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from tillsyn_protocol import Ack, AckResult, Channel, CommandKind, SigningKey, device_topic, sign
 from tillsyn_protocol import tokens as tk
 
-from . import audit
+from . import audit_batch
 from .metrics import FleetMetrics
 from .models import Command, CommandStatus, Device
 from .outbound import Publish
@@ -38,8 +38,13 @@ class Ledger:
         staff: str | None = None,
         max_s: int | None = None,
         look_id: str | None = None,
+        pending: list[Command] | None = None,
     ) -> Publish:
-        """Sign the next command for a device, record it, and return what to publish."""
+        """Sign the next command for a device, record it, and return what to publish.
+
+        ``pending``: the device's pending commands as already loaded (a batched reconcile):
+        superseded from that list instead of a query, and the new command appended to it.
+        """
         seq = max(device.next_seq, device.device_last_seq + 1)
         device.next_seq = seq + 1
         match kind:
@@ -54,7 +59,9 @@ class Ledger:
                     device.id, seq=seq, now=now, staff=staff, max_s=max_s, look_id=look_id
                 )
         if kind in _LOCK_KINDS:
-            self._supersede(session, device.id, now)
+            if pending is None:
+                pending = list(self.pending(session, device.id))
+            self._supersede(session, pending, now)
         command = Command(
             jti=claims.jti,
             device_id=device.id,
@@ -71,7 +78,9 @@ class Ledger:
         )
         session.add(device)
         session.add(command)
-        audit.append(
+        if pending is not None:
+            pending.append(command)
+        audit_batch.append(
             session,
             ts=now,
             actor=actor,
@@ -96,13 +105,10 @@ class Ledger:
             expiry_s=expiry,
         )
 
-    def _supersede(self, session: Session, device_id: str, now: float) -> None:
-        stmt = select(Command).where(
-            Command.device_id == device_id,
-            Command.status == CommandStatus.PENDING,
-            col(Command.kind).in_(_LOCK_KINDS),
-        )
-        for old in session.exec(stmt):
+    def _supersede(self, session: Session, pending: list[Command], now: float) -> None:
+        for old in pending:
+            if old.status is not CommandStatus.PENDING or old.kind not in _LOCK_KINDS:
+                continue
             old.status = CommandStatus.SUPERSEDED
             old.acked_at = now
             session.add(old)
@@ -115,11 +121,23 @@ class Ledger:
             )
         ).all()
 
-    def on_ack(self, session: Session, device: Device, ack: Ack, now: float) -> Command | None:
-        """Settle the command an ack refers to. Unknown or foreign jtis change nothing."""
+    def on_ack(
+        self,
+        session: Session,
+        device: Device,
+        ack: Ack,
+        now: float,
+        known: dict[str, Command] | None = None,
+    ) -> Command | None:
+        """Settle the command an ack refers to. Unknown or foreign jtis change nothing.
+
+        ``known``: commands by jti already loaded for a batch of acks (no query then)."""
         if ack.jti is None:
             return None
-        command = session.exec(select(Command).where(Command.jti == ack.jti)).first()
+        if known is not None:
+            command = known.get(ack.jti)
+        else:
+            command = session.exec(select(Command).where(Command.jti == ack.jti)).first()
         if command is None or command.device_id != device.id:
             log.warning("ack for unknown command from device=%s", device.id)
             self._metrics.ingest_errors.labels(channel="ack", why="unknown_command").inc()
@@ -145,7 +163,7 @@ class Ledger:
                 self._metrics.command_latency.labels(kind=command.kind.value).observe(latency)
                 if command.kind is CommandKind.ARM:
                     self._metrics.windows.labels(event="opened").inc()
-            audit.append(
+            audit_batch.append(
                 session,
                 ts=now,
                 actor=device.id,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +27,10 @@ class FleetSettings(BaseSettings):
     ca_file: Path = Path("var/pki/ca.crt")
     cert_file: Path = Path("var/pki/fleet.crt")
     key_file: Path = Path("var/pki/fleet.key")
-    mqtt_client_id: str = Field(default="tillsyn-fleet-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Unset: derived per process (tillsyn-fleet-<host>-<pid>) with a session that ends with
+    # the connection; set (distinct per replica, stable across its restarts): a persistent
+    # session that keeps what arrives while the replica restarts. docs/scaling.md.
+    mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$")
 
     signing_key_file: Path = Path("var/fleet/command-signing-key.pem")
@@ -49,6 +54,15 @@ class FleetSettings(BaseSettings):
     webhook_backoff_s: float = Field(default=2.0, gt=0)  # first retry; doubles up to the max
     webhook_backoff_max_s: float = Field(default=600.0, gt=0)
     coverage_after_s: float = Field(default=300.0, ge=0)  # report a night this long after noon
+    # Platform incidents (fleet/incident.py): this many devices, or this share of the online
+    # fleet, lost within the window opens one incident for IT support; it closes when
+    # close_share of them are back for settle_s. The broker link down longer than
+    # offline_after_s opens one too.
+    incident_min_devices: int = Field(default=20, ge=1)
+    incident_min_share: float = Field(default=0.2, gt=0, le=1)
+    incident_window_s: float = Field(default=300.0, gt=0)
+    incident_close_share: float = Field(default=0.8, gt=0, le=1)
+    incident_settle_s: float = Field(default=60.0, ge=0)
     # Pairing, device certificates and the equipment lifecycle (fleet/pairing_config.py).
     pairing: PairingSettings = PairingSettings()
 
@@ -62,6 +76,20 @@ class FleetSettings(BaseSettings):
     cookie_secure: Literal["auto", "always", "never"] = "auto"  # auto: Secure when https
     audit_retention_days: int = Field(default=5 * 365, ge=30)
     metrics_public: bool = True  # /metrics readable without a token (loopback/scraper only)
+
+    def client_id(self) -> str:
+        """The MQTT client id: configured, or unique to this process (two replicas with the
+        same config file must not take each other's session over)."""
+        if self.mqtt_client_id:
+            return self.mqtt_client_id
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+        return f"tillsyn-fleet-{host}-{os.getpid()}"
+
+    def persistent_session(self) -> bool:
+        """Only a configured (stable) client id keeps its session across reconnects: a
+        derived one changes on every restart, and a session nobody resumes would go on
+        taking its share of a shared subscription's messages until it expired."""
+        return self.mqtt_client_id is not None
 
     def totp_key_path(self) -> Path:
         return self.totp_key_file or self.signing_key_file.with_name("totp-secrets.key")

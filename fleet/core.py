@@ -29,7 +29,8 @@ from tillsyn_protocol import (
     Status,
 )
 
-from . import audit, checks, gauges, video_phone, visits
+from . import audit, audit_batch, batch, checks, gauges, snapshot, video_phone, visits
+from .batch import Applied, Inbound
 from .commands import Ledger
 from .errors import Conflict, NotFound
 from .liveness import Seen
@@ -37,7 +38,14 @@ from .metrics import UNLABELLED_REFUSAL, FleetMetrics
 from .models import Command, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
 from .plan_models import Check, Outcome
-from .reconcile import Policy, device_spans, next_edge_for, open_span, reconcile_device
+from .reconcile import (
+    EDGE_HORIZON_S,
+    Policy,
+    device_spans,
+    next_edge,
+    open_span,
+    reconcile_device,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,20 +86,25 @@ class FleetOps:
     # --- reconciliation --------------------------------------------------------------
 
     def reconcile(self, device_ids: list[str] | None, now: float) -> Reconciled:
+        """Reconcile these devices (``None``: all) in one transaction: what they need is
+        read in a few batched queries (``fleet.snapshot``), then each device is decided on
+        its own, as if alone."""
         out: list[Publish] = []
-        edges: dict[str, float | None] = {}
         with self.session() as session:
-            stmt = select(Device)
             if device_ids is None:  # a full pass also rolls care-plan checks forward
                 out += checks.ensure_synced(session, self.check_ctx, now)
-            else:
-                stmt = stmt.where(col(Device.id).in_(device_ids))
-            for device in session.exec(stmt):
-                out += reconcile_device(
-                    session, self.ledger, self.metrics, self.policy, device, now
-                )
-                windows = session.exec(select(Window).where(Window.device_id == device.id)).all()
-                edges[device.id] = next_edge_for(session, device, windows, now, self.policy)
+            horizon = max(EDGE_HORIZON_S, self.policy.visit_horizon_s, self.policy.preflight_s)
+            loaded = snapshot.load(session, device_ids, now, horizon + 1)
+            with audit_batch.buffered(session):
+                for data in loaded.values():
+                    out += reconcile_device(
+                        session, self.ledger, self.metrics, self.policy, data, now
+                    )
+            ids = None if device_ids is None else list(loaded)
+            due = snapshot.deadlines(session, ids, now) if loaded else {}
+            edges = {
+                d: next_edge(data, now, self.policy, due.get(d, ())) for d, data in loaded.items()
+            }
         return Reconciled(out, edges)
 
     @property
@@ -144,7 +157,7 @@ class FleetOps:
         device.connectivity, device.offline_since, device.last_seen = Connectivity.ONLINE, None, now
         session.add(device)
         visits.mark_device_back(session, device.id, now)
-        audit.append(
+        audit_batch.append(
             session,
             ts=now,
             actor=device.id,
@@ -162,7 +175,7 @@ class FleetOps:
         device.connectivity, device.offline_since = Connectivity.OFFLINE, since
         session.add(device)
         self.metrics.device_disconnects.labels(why=why).inc()
-        audit.append(
+        audit_batch.append(
             session,
             ts=now,
             actor="fleet",
@@ -174,86 +187,190 @@ class FleetOps:
         log.warning("device=%s offline (%s)", device.id, why)
         return [device.id]
 
+    def apply_inbound(self, items: list[Inbound]) -> Applied:
+        """State reports, acks and events in one transaction, in order, a message that
+        fails rejected alone (fleet/batch.py).
+
+        All messages go in one savepoint first: one per message would flush per message,
+        which costs more than the messages themselves. If one of them fails, that
+        savepoint is rolled back and they are applied again one savepoint each (their
+        metrics may then count twice: only after an unexpected error, itself counted)."""
+        result = Applied()
+        if not items:
+            return result
+        with self.session() as session:
+            batch.begin(session)
+            ids = sorted({i.device_id for i in items})
+            devices: dict[str, Device] = {}  # held: the identity map keeps weak references
+            for part in snapshot.chunks(ids):  # loaded once, not one query per message
+                stmt_d = select(Device).where(col(Device.id).in_(part))
+                devices.update((d.id, d) for d in session.exec(stmt_d))
+            acks = [i.message for i in items if isinstance(i.message, Ack)]
+            commands: dict[str, Command] = {}
+            for part in snapshot.chunks(sorted({a.jti for a in acks if a.jti})):
+                stmt_c = select(Command).where(col(Command.jti).in_(part))
+                commands.update((c.jti, c) for c in session.exec(stmt_c))
+            known = [i for i in items if i.device_id in devices]
+            result.rejected += [
+                (i, "unknown_device", "device not in database")
+                for i in items
+                if i.device_id not in devices
+            ]
+            with audit_batch.buffered(session):
+                mark = audit_batch.mark(session)
+                try:
+                    with session.begin_nested():
+                        done = [self._apply_one(session, i, commands) for i in known]
+                except Exception as exc:
+                    audit_batch.drop_after(session, mark)
+                    log.warning("device message batch: %s; one by one", type(exc).__name__)
+                    self._apply_each(session, known, commands, result)
+                else:
+                    for touched, pubs in done:
+                        result.touched += touched
+                        result.publish += pubs
+        return result
+
+    def _apply_each(
+        self, session: Session, items: list[Inbound], commands: dict[str, Command], out: Applied
+    ) -> None:
+        for item in items:
+            mark = audit_batch.mark(session)
+            try:
+                with session.begin_nested():
+                    touched, pubs = self._apply_one(session, item, commands)
+            except Exception as exc:  # isolated: this message is rejected alone
+                audit_batch.drop_after(session, mark)
+                if isinstance(exc, NotFound):
+                    out.rejected.append((item, "unknown_device", "device not in database"))
+                else:
+                    out.rejected.append((item, "failed", type(exc).__name__))
+                continue
+            out.touched += touched
+            out.publish += pubs
+
+    def _apply_one(
+        self, session: Session, item: Inbound, commands: dict[str, Command]
+    ) -> tuple[list[str], list[Publish]]:
+        device_id, msg, now = item.device_id, item.message, item.now
+        touched: list[str] = []
+        if item.contact:
+            touched += self._back_online(session, self._device(session, device_id), now)
+        pubs: list[Publish] = []
+        if isinstance(msg, StateReport):
+            touched += self._state(session, device_id, msg, now)
+        elif isinstance(msg, Ack):
+            touched += self._ack(session, device_id, msg, now, commands)
+        else:
+            touched += self._event(session, device_id, msg, now)
+            if msg.kind is EventKind.CALL_NOT_ANSWERED and msg.look_id:
+                pubs += self._call_not_answered(session, device_id, msg.look_id, now)
+                touched.append(device_id)
+        return touched, pubs
+
     def on_state(self, device_id: str, report: StateReport, now: float) -> list[str]:
         with self.session() as session:
-            device = self._device(session, device_id)
-            if device.reported_state is not LockState.LOCKED and report.state is LockState.LOCKED:
-                self.metrics.windows.labels(event="closed").inc()
-            changed = (device.reported_state, device.armed_until) != (
-                report.state,
-                report.armed_until,
+            return self._state(session, device_id, report, now)
+
+    def _state(
+        self, session: Session, device_id: str, report: StateReport, now: float
+    ) -> list[str]:
+        device = self._device(session, device_id)
+        if device.reported_state is not LockState.LOCKED and report.state is LockState.LOCKED:
+            self.metrics.windows.labels(event="closed").inc()
+        changed = (device.reported_state, device.armed_until) != (
+            report.state,
+            report.armed_until,
+        )
+        device.reported_state, device.armed_until = report.state, report.armed_until
+        device.reported_at = now
+        device.device_last_seq = max(device.device_last_seq, report.last_seq)
+        device.next_seq = max(device.next_seq, device.device_last_seq + 1)
+        session.add(device)
+        if changed:
+            audit_batch.append(
+                session,
+                ts=now,
+                actor=device_id,
+                action="device.state",
+                subject=device_id,
+                state=report.state.value,
+                armed_until=report.armed_until,
             )
-            device.reported_state, device.armed_until = report.state, report.armed_until
-            device.reported_at = now
-            device.device_last_seq = max(device.device_last_seq, report.last_seq)
-            device.next_seq = max(device.next_seq, device.device_last_seq + 1)
-            session.add(device)
-            if changed:
+        return [device_id] if changed else []
+
+    def on_ack(self, device_id: str, ack: Ack, now: float) -> list[str]:
+        with self.session() as session:
+            return self._ack(session, device_id, ack, now, None)
+
+    def _ack(
+        self,
+        session: Session,
+        device_id: str,
+        ack: Ack,
+        now: float,
+        commands: dict[str, Command] | None,
+    ) -> list[str]:
+        device = self._device(session, device_id)
+        if ack.result is AckResult.REFUSED:
+            reason = ack.reason.value if ack.reason else UNLABELLED_REFUSAL
+            self.metrics.refusals.labels(reason=reason).inc()
+        command = self.ledger.on_ack(session, device, ack, now, commands)
+        if command is not None and command.kind is CommandKind.LOOK:
+            look = session.get(Look, command.look_id)
+            if look is not None and ack.result is AckResult.REFUSED:
+                look.end_reason = f"refused:{ack.reason.value if ack.reason else '?'}"[:32]
+                session.add(look)
+        # A refusal means the desired state was not reached: reconcile decides again.
+        return [device_id] if ack.result is AckResult.REFUSED else []
+
+    def on_event(self, device_id: str, event: Event, now: float) -> list[str]:
+        with self.session() as session:
+            return self._event(session, device_id, event, now)
+
+    def _event(self, session: Session, device_id: str, event: Event, now: float) -> list[str]:
+        device = self._device(session, device_id)
+        match event.kind:
+            case EventKind.LOOK_STARTED | EventKind.LOOK_ENDED:
+                self._look_event(session, device, event, now)
+            case EventKind.CAMERA_FAULT | EventKind.CAMERA_RESTORED:
+                return self._camera(session, device, event, now)
+            case EventKind.TOKEN_REFUSED:
                 audit.append(
                     session,
                     ts=now,
                     actor=device_id,
-                    action="device.state",
+                    action="device.refused",
                     subject=device_id,
-                    state=report.state.value,
-                    armed_until=report.armed_until,
+                    reason=event.reason,
                 )
-            return [device_id] if changed else []
-
-    def on_ack(self, device_id: str, ack: Ack, now: float) -> list[str]:
-        with self.session() as session:
-            device = self._device(session, device_id)
-            if ack.result is AckResult.REFUSED:
-                reason = ack.reason.value if ack.reason else UNLABELLED_REFUSAL
-                self.metrics.refusals.labels(reason=reason).inc()
-            command = self.ledger.on_ack(session, device, ack, now)
-            if command is not None and command.kind is CommandKind.LOOK:
-                look = session.get(Look, command.look_id)
-                if look is not None and ack.result is AckResult.REFUSED:
-                    look.end_reason = f"refused:{ack.reason.value if ack.reason else '?'}"[:32]
-                    session.add(look)
-            # A refusal means the desired state was not reached: reconcile decides again.
-            return [device_id] if ack.result is AckResult.REFUSED else []
-
-    def on_event(self, device_id: str, event: Event, now: float) -> list[str]:
-        with self.session() as session:
-            device = self._device(session, device_id)
-            match event.kind:
-                case EventKind.LOOK_STARTED | EventKind.LOOK_ENDED:
-                    self._look_event(session, device, event, now)
-                case EventKind.CAMERA_FAULT | EventKind.CAMERA_RESTORED:
-                    return self._camera(session, device, event, now)
-                case EventKind.TOKEN_REFUSED:
-                    audit.append(
-                        session,
-                        ts=now,
-                        actor=device_id,
-                        action="device.refused",
-                        subject=device_id,
-                        reason=event.reason,
-                    )
-                case EventKind.CALL_ANSWERED | EventKind.CALL_NOT_ANSWERED:
-                    video_phone.on_call(session, device, event, now, self.metrics)
-                case EventKind.BOOT | EventKind.STATE_CHANGED:
-                    pass
-            return []
+            case EventKind.CALL_ANSWERED | EventKind.CALL_NOT_ANSWERED:
+                video_phone.on_call(session, device, event, now, self.metrics)
+            case EventKind.BOOT | EventKind.STATE_CHANGED:
+                pass
+        return []
 
     def call_not_answered(self, device_id: str, look_id: str, now: float) -> list[Publish]:
         """A video phone's call was not answered: for its check that is *not seen*, with the
         same recheck and escalation as when staff saw nobody on a camera."""
         with self.session() as session:
-            look = session.get(Look, look_id)
-            if look is None or look.device_id != device_id:
-                return []
-            check = session.exec(
-                select(Check).where(Check.last_look_id == look_id, col(Check.outcome).is_(None))
-            ).first()
-            if check is None or check.id is None:
-                return []
-            _, out = checks.record_outcome(
-                session, self.check_ctx, check.id, Outcome.NOT_SEEN, staff=look.staff_id, now=now
-            )
-            return out
+            return self._call_not_answered(session, device_id, look_id, now)
+
+    def _call_not_answered(
+        self, session: Session, device_id: str, look_id: str, now: float
+    ) -> list[Publish]:
+        look = session.get(Look, look_id)
+        if look is None or look.device_id != device_id:
+            return []
+        check = session.exec(
+            select(Check).where(Check.last_look_id == look_id, col(Check.outcome).is_(None))
+        ).first()
+        if check is None or check.id is None:
+            return []
+        _, out = checks.record_outcome(
+            session, self.check_ctx, check.id, Outcome.NOT_SEEN, staff=look.staff_id, now=now
+        )
+        return out
 
     def _look_event(self, session: Session, device: Device, event: Event, now: float) -> None:
         look = session.get(Look, event.look_id) if event.look_id else None
@@ -271,7 +388,7 @@ class FleetOps:
             )
             action = "look.ended"
         session.add(look)
-        audit.append(
+        audit_batch.append(
             session,
             ts=now,
             actor=look.staff_id,
@@ -294,7 +411,7 @@ class FleetOps:
             return []
         device.camera = health
         session.add(device)
-        audit.append(
+        audit_batch.append(
             session,
             ts=now,
             actor=device.id,
@@ -416,7 +533,7 @@ class FleetOps:
             max_s=max_s,
             look_id=look.id,
         )
-        audit.append(
+        audit_batch.append(
             session,
             ts=now,
             actor=staff_id,

@@ -1,11 +1,14 @@
-"""Engine creation. SQLite gets WAL and a busy timeout; PostgreSQL is used as it is."""
+"""Engine creation and schema. SQLite gets WAL and a busy timeout; PostgreSQL is used as it is.
+
+The schema comes from the Alembic migrations (:mod:`fleet.migrate`), never ``create_all``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, MetaData, event
 from sqlmodel import SQLModel, create_engine
 
 from . import (  # noqa: F401  (registers the tables)
@@ -17,6 +20,9 @@ from . import (  # noqa: F401  (registers the tables)
     plan_models,
     sessions,
 )
+
+# Every table, once the modules above are imported: what the migrations must produce.
+metadata: MetaData = SQLModel.metadata
 
 
 def make_engine(url: str) -> Engine:
@@ -43,4 +49,7 @@ def make_engine(url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    """Migrate the schema to the newest revision (stamping a pre-migration database first)."""
+    from .migrate import upgrade
+
+    upgrade(engine)

@@ -4,7 +4,8 @@ FleetError
  ├── ConfigError        bad settings at start-up: names the setting and why
  ├── NotFound           an API/CLI request for something that does not exist
  ├── Conflict           a request that contradicts the current state
- └── SchedulerLockHeld  another fleet process holds the scheduler lock
+ ├── SchedulerLockHeld  another fleet process holds the scheduler lock
+ └── SchemaError        the database schema cannot be migrated (e.g. newer than the code)
 """
 
 from __future__ import annotations
@@ -38,3 +39,7 @@ class SchedulerLockHeld(FleetError):
     def __init__(self, where: str) -> None:
         super().__init__(f"scheduler lock held by another process ({where})")
         self.where = where
+
+
+class SchemaError(FleetError):
+    """The database schema cannot be brought to what this version expects."""

@@ -91,7 +91,7 @@ def look_outcomes(session: Session, look_ids: Sequence[str]) -> dict[str, str]:
         if check.last_look_id and check.outcome is not None:
             out[check.last_look_id] = check.outcome.value
     stmt = select(AuditEvent).where(col(AuditEvent.action).in_(OUTCOME_ACTIONS))
-    for entry in session.exec(stmt):
+    for entry in session.exec(stmt.order_by(col(AuditEvent.id))):  # the first outcome wins
         detail = _detail(entry)
         look_id, outcome = detail.get("look_id"), detail.get("outcome")
         if look_id in wanted and isinstance(outcome, str):
@@ -182,7 +182,7 @@ def _residents(session: Session, looks: Sequence[Look]) -> dict[str, str]:
     ids = {x.id for x in looks}
     stmt = select(AuditEvent).where(AuditEvent.action == "look.requested")
     stmt = stmt.where(col(AuditEvent.subject).in_({x.device_id for x in looks}))
-    for entry in session.exec(stmt):
+    for entry in session.exec(stmt.order_by(col(AuditEvent.id))):
         detail = _detail(entry)
         if detail.get("look_id") in ids and isinstance(detail.get("resident"), str):
             out[str(detail["look_id"])] = str(detail["resident"])

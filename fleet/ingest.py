@@ -13,7 +13,6 @@ from tillsyn_protocol import (
     Ack,
     Channel,
     Event,
-    EventKind,
     Heartbeat,
     MessageError,
     StateReport,
@@ -22,7 +21,9 @@ from tillsyn_protocol import (
     decode,
     parse_device_topic,
 )
+from tillsyn_protocol.topics import DEVICE_ROOT
 
+from .batch import Applied, Inbound, InboundQueue, Submit
 from .core import FleetOps
 from .errors import NotFound
 from .liveness import Liveness
@@ -30,6 +31,9 @@ from .metrics import FleetMetrics
 from .outbound import Publish
 
 log = logging.getLogger(__name__)
+
+_DEVICE_PREFIX = DEVICE_ROOT + "/"
+_HB_SUFFIX = "/" + Channel.HB.value
 
 T = TypeVar("T")
 
@@ -49,6 +53,7 @@ class Ingest:
         reconcile: Callable[[list[str]], Awaitable[None]],
         clock: Callable[[], float],
         publish: Callable[[list[Publish]], Awaitable[None]] | None = None,
+        submit: Submit | None = None,
     ) -> None:
         self._ops = ops
         self._live = liveness
@@ -58,6 +63,44 @@ class Ingest:
         self._clock = clock
         self._publish = publish
         self.known: set[str] = set()
+        # State, ack and event messages queued for the database thread (none: one
+        # transaction each); ``submit`` puts a job on that thread without waiting.
+        self.inbound = (
+            InboundQueue(ops.apply_inbound, submit=submit, done=self._applied) if submit else None
+        )
+        # Resolved once: a labelled child costs a dict lookup and a lock per call.
+        self._hb_messages = metrics.messages.labels(channel=Channel.HB.value)
+        self._skew = metrics.clock_skew
+
+    def heartbeat_fast(self, topic: str, payload: bytes) -> bool:
+        """The path of nearly all traffic, run in the MQTT network thread: a heartbeat of a
+        known device that is online is validated (strictly, as on the loop) and recorded in
+        memory, with no await and no database. False: not handled here (another channel,
+        unknown device, malformed, or a device coming back); the event loop then takes the
+        message through :meth:`handle`, which rejects, logs or writes as before.
+        """
+        if not (topic.startswith(_DEVICE_PREFIX) and topic.endswith(_HB_SUFFIX)):
+            return False
+        device_id = topic[len(_DEVICE_PREFIX) : -len(_HB_SUFFIX)]
+        # Known ids are valid device ids (no "/"), so this was exactly .../dev/{id}/hb.
+        if device_id not in self.known or "/" in device_id:
+            return False
+        try:
+            hb = decode(Heartbeat, payload)
+        except MessageError:
+            return False
+        now = self._clock()
+        if not self._live.seen_if_online(device_id, now, hb):
+            return False
+        self._hb_messages.inc()
+        self._skew.observe(abs(hb.ts - now))
+        return True
+
+    async def handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """What the fast path left, in arrival order (one by one: a message may await the
+        database, and writes per device keep the order of arrival)."""
+        for topic, payload in batch:
+            await self.handle(topic, payload)
 
     def _reject(self, channel: str, why: str, device_id: str | None, detail: str) -> None:
         self._m.ingest_errors.labels(channel=channel, why=why).inc()
@@ -104,28 +147,40 @@ class Ingest:
                     self._live.gone(device_id)
                 return await self._db(ops.on_status, device_id, status, now)
             case Channel.STATE:
-                report = decode(StateReport, payload)
-                touched = await self._contact(device_id, now)
-                return touched + await self._db(ops.on_state, device_id, report, now)
+                return await self._queue(device_id, decode(StateReport, payload), now)
             case Channel.ACK:
-                ack = decode(Ack, payload)
-                touched = await self._contact(device_id, now)
-                return touched + await self._db(ops.on_ack, device_id, ack, now)
+                return await self._queue(device_id, decode(Ack, payload), now)
             case Channel.EVENT:
-                event = decode(Event, payload)
-                touched = await self._contact(device_id, now)
-                touched += await self._db(ops.on_event, device_id, event, now)
-                if event.kind is EventKind.CALL_NOT_ANSWERED and event.look_id:
-                    pubs = await self._db(ops.call_not_answered, device_id, event.look_id, now)
-                    if pubs and self._publish is not None:
-                        await self._publish(pubs)
-                    touched.append(device_id)
-                return touched
+                return await self._queue(device_id, decode(Event, payload), now)
             case Channel.CMD:
                 self._reject("cmd", "unexpected", device_id, "the fleet does not read commands")
                 return []
 
-    async def _contact(self, device_id: str, now: float) -> list[str]:
-        if self._live.seen(device_id, now):
-            return await self._db(self._ops.contact, device_id, now)
+    # --- state, ack, event: batched (fleet/batch.py) --------------------------------------
+
+    async def _queue(
+        self, device_id: str, message: StateReport | Ack | Event, now: float
+    ) -> list[str]:
+        """Applied with whatever else is queued for the database thread, in one transaction
+        and in order; rejections, publishing and the reconcile follow in ``_applied``."""
+        item = Inbound(device_id, message, now, contact=self._live.seen(device_id, now))
+        if self.inbound is None:  # no queue: one transaction for this message
+            await self._applied([item], await self._db(self._ops.apply_inbound, [item]))
+        else:
+            self.inbound.add(item)
         return []
+
+    async def _applied(self, items: list[Inbound], result: Applied) -> None:
+        for item, why, detail in result.rejected:
+            self._reject(_CHANNEL[type(item.message)], why, item.device_id, detail)
+        if result.publish and self._publish is not None:
+            await self._publish(result.publish)
+        if result.touched:
+            await self._reconcile(sorted(set(result.touched)))
+
+
+_CHANNEL: dict[type, str] = {
+    StateReport: Channel.STATE.value,
+    Ack: Channel.ACK.value,
+    Event: Channel.EVENT.value,
+}

@@ -2,16 +2,32 @@
 
 A heartbeat costs a dict update, never a database round trip: at a 30 s heartbeat a
 large fleet sends thousands per second, and only *changes* need to reach the database
-at once (camera fault, clock trouble); last-seen times are flushed every few seconds.
+at once (camera fault, clock trouble, new firmware); a device's last-seen time is written
+at most every ``write_every_s`` (batched, every liveness tick).
+
+Heartbeats of online devices are recorded in the MQTT network thread
+(:meth:`Liveness.seen_if_online`), everything else on the event loop: one lock guards
+the state, held for a few dictionary operations at a time.
+
+Replicas sharing ingest (a shared subscription) each hear only a share of every device's
+messages, so silence in one replica's memory is only a candidate: every replica writes
+what it heard to the database, and the leader asks it before marking a device silent
+(:func:`confirm_silent`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sqlmodel import Session, col, select
+
 from tillsyn_protocol import CameraHealth, Heartbeat
+
+from .checks import CLOCK_SKEW_LIMIT_S
+from .models import Device
 
 
 @dataclass(slots=True)
@@ -20,6 +36,25 @@ class Seen:
     mono: float = 0.0  # monotonic s: silence is elapsed time, whatever the wall clock does
     heartbeat: Heartbeat | None = None
     skew_s: float | None = None
+    # What the database has (as of the last drain): decides whether a write is due.
+    written_at: float | None = None
+    written_hb: Heartbeat | None = None
+    written_skew: float | None = None
+
+    def due(self, every_s: float) -> bool:
+        if self.written_at is None or self.at - self.written_at >= every_s:
+            return True
+        hb, old = self.heartbeat, self.written_hb
+        if hb is None or hb is old:
+            return False
+        if old is None or hb.clock_synced != old.clock_synced or hb.fw != old.fw:
+            return True  # what pre-flight checks and the inventory read: at once
+        # Pre-flight asks whether the skew is past the limit: a crossing is written at once.
+        return _too_far(self.skew_s) != _too_far(self.written_skew)
+
+
+def _too_far(skew: float | None) -> bool:
+    return skew is not None and abs(skew) > CLOCK_SKEW_LIMIT_S
 
 
 @dataclass(slots=True)
@@ -30,23 +65,47 @@ class Liveness:
     # Injected for tests; steps of the fleet's wall clock never make a device look silent
     # (or alive): a last-seen time written just before a step stays comparable after it.
     mono: Callable[[], float] = time.monotonic
+    # Last-seen of a device that heartbeats often is written at most this often (and at
+    # most a quarter of the threshold: other replicas read it to judge silence).
+    write_every_s: float = 10.0
     _seen: dict[str, Seen] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _online: set[str] = field(default_factory=set)
     _camera: dict[str, CameraHealth | None] = field(default_factory=dict)
     _camera_changed: dict[str, CameraHealth] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.write_every_s = min(self.write_every_s, self.threshold_s / 4)
 
     def baseline(
         self, device_id: str, at: float, *, online: bool, camera: CameraHealth | None = None
     ) -> None:
         """Seed from the database at start-up: silence counts from ``at``, not from zero."""
-        self._seen[device_id] = Seen(at, self.mono())
-        self._camera[device_id] = camera
-        if online:
-            self._online.add(device_id)
+        with self._lock:
+            self._seen[device_id] = Seen(at, self.mono(), written_at=at)
+            self._camera[device_id] = camera
+            if online:
+                self._online.add(device_id)
 
     def seen(self, device_id: str, now: float, heartbeat: Heartbeat | None = None) -> bool:
         """Record contact. Returns True when the device was not online before."""
+        with self._lock:
+            was_offline = device_id not in self._online
+            self._record(device_id, now, heartbeat)
+            return was_offline
+
+    def seen_if_online(self, device_id: str, now: float, heartbeat: Heartbeat) -> bool:
+        """Record a heartbeat of a device that is online (the network thread's fast path);
+        False, recording nothing, if it is not: coming back is the event loop's business
+        (a database write and a reconcile), so it goes through :meth:`seen` there."""
+        with self._lock:
+            if device_id not in self._online:
+                return False
+            self._record(device_id, now, heartbeat)
+            return True
+
+    def _record(self, device_id: str, now: float, heartbeat: Heartbeat | None) -> None:
         entry = self._seen.get(device_id)
         if entry is None:
             entry = self._seen[device_id] = Seen(now)
@@ -58,38 +117,79 @@ class Liveness:
                 self._camera[device_id] = heartbeat.camera
                 self._camera_changed[device_id] = heartbeat.camera
         self._dirty.add(device_id)
-        was_offline = device_id not in self._online
         self._online.add(device_id)
-        return was_offline
 
     def gone(self, device_id: str) -> None:
-        self._online.discard(device_id)
+        with self._lock:
+            self._online.discard(device_id)
 
     def is_online(self, device_id: str) -> bool:
         return device_id in self._online
 
     def silent(self) -> list[tuple[str, float]]:
         """Online devices not heard from within the threshold, with their last contact."""
-        limit = self.mono() - self.threshold_s
-        out = [(d, self._seen[d].at) for d in self._online if self._seen[d].mono < limit]
-        for device_id, _ in out:
-            self._online.discard(device_id)
-        return out
+        with self._lock:
+            limit = self.mono() - self.threshold_s
+            out = [(d, self._seen[d].at) for d in self._online if self._seen[d].mono < limit]
+            for device_id, _ in out:
+                self._online.discard(device_id)
+            return out
+
+    def heard_elsewhere(self, device_id: str, at: float, now: float) -> None:
+        """Another replica heard the device at ``at`` (fleet clock, ``now`` being this
+        moment): it is online, and its silence counts from then."""
+        with self._lock:
+            entry = self._seen.get(device_id)
+            if entry is None:
+                entry = self._seen[device_id] = Seen(at, written_at=at)
+            entry.at = max(entry.at, at)
+            entry.mono = self.mono() - max(0.0, now - at)
+            self._online.add(device_id)
 
     def drain(self) -> dict[str, Seen]:
-        """The entries changed since the last drain, for one batched write."""
-        out = {d: self._seen[d] for d in self._dirty}
-        self._dirty.clear()
+        """Entries whose write is due, as copies (the network thread goes on updating the
+        originals while the database thread writes these). The rest stay dirty."""
+        out: dict[str, Seen] = {}
+        every = self.write_every_s
+        with self._lock:
+            for d in self._dirty:
+                e = self._seen[d]
+                if e.due(every):
+                    out[d] = Seen(e.at, e.mono, e.heartbeat, e.skew_s)
+                    e.written_at, e.written_hb, e.written_skew = e.at, e.heartbeat, e.skew_s
+            self._dirty.difference_update(out)
         return out
 
     def drain_camera(self) -> dict[str, CameraHealth]:
         """Camera health changes since the last drain: only these need a database read."""
-        out, self._camera_changed = self._camera_changed, {}
+        with self._lock:
+            out, self._camera_changed = self._camera_changed, {}
         return out
 
     def ages(self) -> list[float]:
-        now = self.mono()
-        return [now - s.mono for d, s in self._seen.items() if d in self._online]
+        with self._lock:
+            now = self.mono()
+            return [now - self._seen[d].mono for d in self._online]
 
     def online_count(self) -> int:
         return len(self._online)
+
+
+def confirm_silent(
+    session: Session, live: Liveness, silent: list[tuple[str, float]], now: float
+) -> list[tuple[str, float]]:
+    """The devices of ``silent`` (from :meth:`Liveness.silent`) that no replica heard within
+    the threshold; the others are put back online. Runs on the database thread."""
+    if not silent:
+        return []
+    ids = [device_id for device_id, _ in silent]
+    rows = session.exec(select(Device.id, Device.last_seen).where(col(Device.id).in_(ids)))
+    last_seen = dict(rows.all())
+    out = []
+    for device_id, at in silent:
+        seen = last_seen.get(device_id)
+        if seen is not None and seen > max(at, now - live.threshold_s):
+            live.heard_elsewhere(device_id, seen, now)
+        else:
+            out.append((device_id, at))
+    return out

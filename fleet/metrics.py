@@ -324,6 +324,20 @@ class FleetMetrics:
             (),
             "event",
         )
+        # Platform incidents: many devices lost at once, or the broker link (fleet/incident.py).
+        self.platform_incident_active = self._gauge(
+            "tillsyn_platform_incident_active",
+            "1 while a platform incident (mass disconnect, broker link down) is open",
+            (),
+            "liveness",
+        )
+        self.platform_incidents = self._counter(
+            "tillsyn_platform_incidents",
+            "Platform incidents opened, by reason (mass_disconnect, broker_link)",
+            ("reason",),
+            "liveness",
+            init=[{"reason": r} for r in ("mass_disconnect", "broker_link")],
+        )
         self.build_info = self._gauge(
             "tillsyn_build_info",
             "Always 1; the version of the fleet service",

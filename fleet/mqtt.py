@@ -1,18 +1,41 @@
-"""The fleet's MQTT link: one persistent MQTT 5 session over mutual TLS, reconnecting with
-jittered exponential backoff. Ingest is handed to a callback; publishing is best effort
-while disconnected (the command ledger re-sends what was not acknowledged)."""
+"""The fleet's MQTT link: paho-mqtt in its own network thread, feeding asyncio in batches.
+
+Why not aiomqtt: it runs paho inside the event loop and pays per message for an asyncio
+queue hop, a Message copy, paho's topic matcher and a write (plus two wake-up syscalls)
+per PUBACK; that was about 70 % of the service's time at ingest load (docs/performance.md,
+"Ingest ceiling"). Here one thread drives paho with its own ``select`` loop: it reads
+every packet that is ready, then writes all pending PUBACKs at once, and hands messages
+to the event loop as a batch (one wake-up per batch, not per message). The per-message
+dispatch is ours: the subscriptions are per channel and the consumer routes by parsing
+the topic, so paho's matcher and callback lock are skipped (:class:`_Client`).
+
+One persistent MQTT 5 session over mutual TLS, reconnecting with jittered exponential
+backoff; publishing is best effort while disconnected (the command ledger re-sends what
+was not acknowledged). :class:`NetworkThread` is also what ``bench/_bare_subscriber.py``
+runs, so the ingest benchmark compares the fleet with the same client used the same way.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import random
+import select
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from tillsyn_protocol import Channel, subscription
 
@@ -24,6 +47,15 @@ log = logging.getLogger(__name__)
 
 INGEST_CHANNELS = (Channel.STATUS, Channel.STATE, Channel.ACK, Channel.EVENT, Channel.HB)
 SESSION_EXPIRY_S = 3600
+KEEPALIVE_S = 30
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 10.0
+# Reading stops while this many messages wait for the event loop: TCP back-pressure
+# then holds the rest at the broker instead of this process's memory growing.
+INBOX_LIMIT = 20_000
+BATCH_MAX = 1000  # messages per call into the consumer (keeps the loop responsive)
+
+Inbound = tuple[str, bytes]  # (topic, payload)
 
 
 def client_tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -33,87 +65,400 @@ def client_tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+class LinkDown(Exception):
+    """The session ended (refused, lost, timed out): reconnect after a backoff."""
+
+
+class _Client(paho.Client):
+    """paho's client with its per-message dispatch cut down to one call.
+
+    paho looks every message up in its topic matcher (for ``message_callback_add``) under
+    a lock before ``on_message``; we register no such callbacks, so that work is waste.
+    ``_handle_on_message`` is private API of the pinned paho-mqtt 2.2.0; the integration
+    tests (and the benchmark) fail loudly if an upgrade changes it.
+    """
+
+    sink: Callable[[str, bytes], None]
+    received = 0
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        self.received += 1
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # a broker never forwards one; nothing to route
+            return
+        self.sink(topic, bytes(message.payload))  # (bytes already: no copy)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    host: str
+    port: int
+    client_id: str
+    tls: ssl.SSLContext
+    subscriptions: tuple[str, ...]
+    # Persistent session (clean_start=False, expiry below) or a fresh one per connection.
+    persistent: bool = True
+    session_expiry_s: int = SESSION_EXPIRY_S
+    keepalive_s: int = KEEPALIVE_S
+
+
+@dataclass(slots=True)
+class _Out:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    expiry_s: int | None
+    done: Callable[[bool], None]
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+class NetworkThread:
+    """One paho client, driven by our own select loop in a dedicated daemon thread.
+
+    ``on_message(topic, payload)`` and ``on_state(up)`` are called in that thread: they must
+    be cheap and must not raise. ``publish`` may be called from any thread. ``paused()``
+    (optional) stops reading while the consumer is behind.
+    """
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        on_message: Callable[[str, bytes], None],
+        on_state: Callable[[bool], None] = _noop,
+        paused: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.config = config
+        self._on_message = on_message
+        self._on_state = on_state
+        self._paused = paused
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._outbox: collections.deque[_Out] = collections.deque()
+        self._pending: dict[int, Callable[[bool], None]] = {}
+        self._thread = threading.Thread(target=self._run, name="mqtt-net", daemon=True)
+        self.up = False  # connected and subscribed
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the persistent session stays) and end the thread."""
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        done: Callable[[bool], None] = _noop,
+    ) -> None:
+        """Queue a publish; ``done(ok)`` is called (in the network thread) on the broker's
+        PUBACK, at once for QoS 0, or with False if the link is down or goes down first."""
+        if not self.up:
+            done(False)
+            return
+        self._outbox.append(_Out(topic, payload, qos, retain, expiry_s, done))
+        self._wake()
+
+    def _wake(self) -> None:
+        # BlockingIOError: already woken; OSError: closed while stopping.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    # --- the thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self._session()
+            except (LinkDown, OSError) as exc:  # ssl.SSLError is an OSError
+                log.warning("broker connection lost: %s; retrying", str(exc)[:200])
+            if self.up:
+                backoff = 0.5  # it worked for a while: start the backoff again
+            self._set_up(False)
+            self._fail_pending()
+            # Full jitter: a fleet of replicas never reconnects in lockstep.
+            if self._stop.wait(random.uniform(0, backoff)):
+                break
+            backoff = min(backoff * 2, 30.0)
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            self._on_state(up)
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = list(self._pending.values()), {}
+        while self._outbox:
+            pending.append(self._outbox.popleft().done)
+        for done in pending:
+            done(False)
+
+    def _session(self) -> None:
+        cfg = self.config
+        self._fail_pending()  # anything queued while the link was down: the ledger resends
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5)
+        client.sink = self._on_message
+        client.tls_set_context(cfg.tls)
+        # Writes are ours to schedule: queued packets (PUBACKs above all) go out together
+        # once per loop pass instead of one TLS record and syscall each.
+        client.on_socket_register_write = _noop
+        refused: list[str] = []
+        client.on_connect = lambda c, _u, _f, rc, _p: self._connected(c, rc, refused)
+        client.on_subscribe = lambda _c, _u, _m, rcs, _p: self._subscribed(rcs, refused)
+        client.on_publish = self._published
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry_s if cfg.persistent else 0
+        client.connect(
+            cfg.host,
+            cfg.port,
+            keepalive=cfg.keepalive_s,
+            clean_start=not cfg.persistent,  # persistent: keep queued acks across a restart
+            properties=props,
+        )
+        # paho's own wake-up pipe costs a syscall per queued packet; we have ours.
+        client._reset_sockets(sockpair_only=True)
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        try:
+            self._loop(client, refused, deadline)
+        finally:
+            if client.socket() is not None:
+                with contextlib.suppress(OSError):
+                    client.disconnect()
+                    client.loop_write()  # sends DISCONNECT (no Last Will), closes the socket
+
+    def _connected(self, client: paho.Client, rc: Any, refused: list[str]) -> None:
+        if rc.is_failure:
+            refused.append(f"CONNACK {rc}")
+            return
+        opts = SubscribeOptions(qos=1)
+        client.subscribe([(f, opts) for f in self.config.subscriptions])
+
+    def _subscribed(self, codes: list[Any], refused: list[str]) -> None:
+        bad = [str(rc) for rc in codes if rc.is_failure]
+        if bad:
+            refused.append(f"SUBACK {','.join(bad)}")
+        else:
+            self._set_up(True)
+
+    def _published(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        done = self._pending.pop(mid, None)
+        if done is not None:
+            done(not rc.is_failure)
+
+    def _loop(self, client: _Client, refused: list[str], deadline: float) -> None:
+        sock = client.socket()
+        while not self._stop.is_set():
+            if refused:
+                raise LinkDown(refused[0])
+            if not self.up and time.monotonic() > deadline:
+                raise LinkDown("no CONNACK/SUBACK in time")
+            if sock is None or client.socket() is not sock:
+                raise LinkDown("connection closed")
+            self._send_outbox(client)
+            reading = not self._paused()
+            pending = reading and isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            rlist: list[Any] = [self._wake_r, sock] if reading else [self._wake_r]
+            wlist: list[Any] = [sock] if client.want_write() else []
+            timeout = 0.0 if pending else 1.0 if reading else 0.05  # paused: poll the backlog
+            ready, _, _ = select.select(rlist, wlist, [], timeout)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            if pending or sock in ready:
+                self._read(client, sock)
+            if client.want_write():
+                _check(client.loop_write(), "write")
+            _check(client.loop_misc(), "keepalive")
+
+    def _read(self, client: _Client, sock: Any) -> None:
+        """Read every packet that is ready (one select for many messages). Stopping early
+        is harmless: select (kernel) and ``pending()`` (TLS buffer) see what is left."""
+        for _ in range(BATCH_MAX):
+            before = client.received
+            _check(client.loop_read(), "read")
+            if client.received == before and not (
+                isinstance(sock, ssl.SSLSocket) and sock.pending()
+            ):
+                return
+
+    def _send_outbox(self, client: _Client) -> None:
+        while self._outbox:
+            out = self._outbox.popleft()
+            props = None
+            if out.expiry_s is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.MessageExpiryInterval = out.expiry_s
+            info = client.publish(
+                out.topic, out.payload, qos=out.qos, retain=out.retain, properties=props
+            )
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                out.done(False)
+            elif out.qos == 0:
+                out.done(True)
+            else:
+                self._pending[info.mid] = out.done
+
+
+def _check(rc: MQTTErrorCode, what: str) -> None:
+    if rc != paho.MQTT_ERR_SUCCESS:
+        raise LinkDown(f"{what}: {paho.error_string(rc)}")
+
+
 class MqttLink:
+    """The event loop's side: batches in, publishes out, connection state for /readyz."""
+
     def __init__(
         self,
         settings: FleetSettings,
         metrics: FleetMetrics,
-        on_message: Callable[[str, bytes], Awaitable[None]],
+        on_messages: Callable[[list[Inbound]], Awaitable[None]],
         on_connect: Callable[[], Awaitable[None]] | None = None,
+        *,
+        fast: Callable[[str, bytes], bool] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._on_message = on_message
+        self._on_messages = on_messages
         self._on_connect = on_connect
-        self._client: aiomqtt.Client | None = None
+        # Run in the network thread; True: handled there, the event loop never sees it.
+        self._fast = fast
+        self._net: NetworkThread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: collections.deque[Inbound] = collections.deque()
+        self._wake = asyncio.Event()
+        self._wake_pending = False
+        self._resync = False
         self.connected = asyncio.Event()
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _config(self) -> LinkConfig:
         s = self._settings
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        return aiomqtt.Client(
-            s.broker_host,
-            s.broker_port,
-            identifier=s.mqtt_client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,  # keep our queued acks and events across a restart
-            properties=props,
-            tls_context=client_tls_context(str(s.ca_file), str(s.cert_file), str(s.key_file)),
-            keepalive=30,
-            timeout=10,
-            max_queued_incoming_messages=100_000,
+        group = s.shared_group
+        return LinkConfig(
+            host=s.broker_host,
+            port=s.broker_port,
+            client_id=s.client_id(),
+            tls=client_tls_context(str(s.ca_file), str(s.cert_file), str(s.key_file)),
+            subscriptions=tuple(subscription(c, shared_group=group) for c in INGEST_CHANNELS),
+            persistent=s.persistent_session(),
         )
 
-    async def run(self) -> None:
-        backoff = 0.5
-        while True:
+    # Called in the network thread.
+    def _inbound(self, topic: str, payload: bytes) -> None:
+        if self._fast is not None:
             try:
-                async with self._make_client() as client:
-                    self._client = client
-                    group = self._settings.shared_group
-                    for channel in INGEST_CHANNELS:
-                        await client.subscribe(subscription(channel, shared_group=group), qos=1)
-                    self._metrics.mqtt_connected.set(1)
-                    self._metrics.mqtt_connects.inc()
-                    self.connected.set()
-                    backoff = 0.5
-                    log.info(
-                        "connected to broker %s:%s",
-                        self._settings.broker_host,
-                        self._settings.broker_port,
-                    )
-                    if self._on_connect is not None:
-                        await self._on_connect()
-                    async for message in client.messages:
-                        await self._on_message(message.topic.value, bytes(message.payload))
-            except aiomqtt.MqttError as exc:
-                log.warning("broker connection lost: %s; retrying", str(exc)[:200])
-            finally:
-                self._client = None
-                self.connected.clear()
-                self._metrics.mqtt_connected.set(0)
-            # Full jitter: a fleet of replicas never reconnects in lockstep.
-            await asyncio.sleep(random.uniform(0, backoff))
-            backoff = min(backoff * 2, 30.0)
+                if self._fast(topic, payload):
+                    return
+            except Exception:  # a bug there must not cost the connection: the loop decides
+                log.exception("ingest fast path failed; handing the message to the loop")
+        self._inbox.append((topic, payload))
+        if not self._wake_pending:
+            self._wake_pending = True
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop closed while the thread stopped
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _backlogged(self) -> bool:
+        return len(self._inbox) > INBOX_LIMIT
+
+    def _state(self, up: bool) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed while the thread stopped
+            self._loop.call_soon_threadsafe(self._state_changed, up)
+
+    # On the event loop.
+    def _state_changed(self, up: bool) -> None:
+        self._metrics.mqtt_connected.set(1 if up else 0)
+        if up:
+            self._metrics.mqtt_connects.inc()
+            s = self._settings
+            log.info("connected to broker %s:%s as %s", s.broker_host, s.broker_port, s.client_id())
+            self.connected.set()
+            self._resync = True
+            self._wake.set()
+        else:
+            self.connected.clear()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        net = self._net = NetworkThread(
+            self._config(), on_message=self._inbound, on_state=self._state, paused=self._backlogged
+        )
+        net.start()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                self._wake_pending = False  # before draining: a later message wakes us again
+                if self._resync and self._on_connect is not None:
+                    # A (re)connection: resync first, as before any of its messages.
+                    self._resync = False
+                    await self._on_connect()
+                inbox = self._inbox
+                while inbox:
+                    batch = [inbox.popleft() for _ in range(min(len(inbox), BATCH_MAX))]
+                    await self._on_messages(batch)
+        finally:
+            self._net = None
+            self.connected.clear()
+            self._metrics.mqtt_connected.set(0)
+            await asyncio.to_thread(net.stop)
 
     async def publish(self, items: Iterable[Publish]) -> int:
-        """Send what can be sent now; returns how many were handed to the broker."""
-        client = self._client
-        sent = 0
-        if client is None:
+        """Send what can be sent now; returns how many the broker acknowledged (in order)."""
+        net, loop = self._net, self._loop
+        if net is None or loop is None or not net.up:
             return 0
+        futures: list[asyncio.Future[bool]] = []
         for item in items:
-            props = None
-            if item.expiry_s is not None:
-                props = Properties(PacketTypes.PUBLISH)
-                props.MessageExpiryInterval = item.expiry_s
+            fut: asyncio.Future[bool] = loop.create_future()
+            net.publish(
+                item.topic,
+                item.payload,
+                qos=item.qos,
+                retain=item.retain,
+                expiry_s=item.expiry_s,
+                done=_resolver(loop, fut),
+            )
+            futures.append(fut)
+        sent = 0
+        for fut in futures:
             try:
-                await client.publish(
-                    item.topic, item.payload, qos=item.qos, retain=item.retain, properties=props
-                )
-                sent += 1
-            except aiomqtt.MqttError as exc:
-                log.warning("publish failed: %s", str(exc)[:200])
+                ok = await asyncio.wait_for(fut, PUBLISH_TIMEOUT_S)
+            except TimeoutError:
+                ok = False
+            if not ok:
+                log.warning("publish not acknowledged by the broker")
                 break
+            sent += 1
         return sent
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[bool]) -> Callable[[bool], None]:
+    """A ``done`` callback for the network thread that resolves ``fut`` on the loop."""
+
+    def resolve(ok: bool) -> None:
+        if not fut.done():  # (a timed-out wait has cancelled it)
+            fut.set_result(ok)
+
+    def done(ok: bool) -> None:
+        loop.call_soon_threadsafe(resolve, ok)
+
+    return done

@@ -1,6 +1,9 @@
 """Durable outbox for other systems: written in the transaction of the change, then
 posted to a webhook at least once (retries with backoff, ``Idempotency-Key`` header).
 
+Kinds: ``visit.raised|acknowledged|device_back|closed`` (fleet/visits.py), ``coverage.report``
+(fleet/coverage.py), ``incident.opened`` / ``incident.closed`` (fleet/incident.py).
+
 A receiver must treat the ``Idempotency-Key`` (the event id) as the identity of the event:
 the sender retries until it gets a 2xx, so a lost answer means the same event again.
 Only the scheduler leader sends, so replicas do not race each other for the same rows.
@@ -32,7 +35,7 @@ def enqueue(session: Session, *, kind: str, payload: dict[str, Any], now: float)
     event = OutboxEvent(
         event_id=uuid.uuid4().hex,
         kind=kind,
-        payload=json.dumps(payload, sort_keys=True, default=str)[:8000],
+        payload=json.dumps(payload, sort_keys=True, default=str),
         created_at=now,
         next_attempt_at=now,
     )

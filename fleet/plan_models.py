@@ -177,6 +177,14 @@ class EscalationStep(SQLModel, table=True):
     visit_id: int | None = None
 
 
+# The escalation timer's "open steps now due" query, once per reconcile pass (0002).
+Index(
+    "ix_escalation_step_status_due",
+    EscalationStep.__table__.c.status,  # type: ignore[attr-defined]
+    EscalationStep.__table__.c.due_at,  # type: ignore[attr-defined]
+)
+
+
 class VisitLink(SQLModel, table=True):
     """Which check, plan, night and team a visit stands for (lists by night and team)."""
 
@@ -197,7 +205,7 @@ class OutboxEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(unique=True, max_length=64)  # the Idempotency-Key
     kind: str = Field(max_length=48)
-    payload: str = Field(max_length=8000)  # JSON
+    payload: str  # JSON, unbounded: a bad night's coverage report can be long (0002)
     created_at: float
     attempts: int = 0
     next_attempt_at: float = Field(index=True)

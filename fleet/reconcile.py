@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from tillsyn_protocol import CameraHealth, CommandKind, LockState
 from tillsyn_protocol.windows import Occurrence, occurrences_between
@@ -30,12 +30,16 @@ from .metrics import FleetMetrics
 from .models import Command, Connectivity, Device, VisitCause, Window
 from .outbound import Publish
 from .plan_models import Check
+from .snapshot import DeviceData
 
 log = logging.getLogger(__name__)
 
 # The device re-locks itself at its window end; give its report this long to arrive
 # before the fleet sends a disarm of its own and counts the device as armed past its end.
 LOCK_GRACE_S = 5.0
+# How far ahead the next edge is looked for (a device with nothing in it is looked at by
+# the sweep, and by every change that concerns it).
+EDGE_HORIZON_S = 8 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +92,12 @@ def open_window(windows: Iterable[Window], now: float) -> Occurrence | None:
     return max(found, key=lambda o: o.end) if found else None
 
 
-def device_spans(
-    session: Session, device_id: str, windows: Iterable[Window], lo: float, hi: float
+def spans_of(
+    windows: Iterable[Window], arming: Iterable[Check], lo: float, hi: float
 ) -> list[Span]:
     """Windows and arming checks overlapping [lo, hi), overlapping ones merged, in order."""
     raw = [Span(o.start.timestamp(), o.end.timestamp()) for o in occurrences(windows, lo, hi)]
-    raw += [
-        Span(c.start_at, c.end_at, (c,)) for c in checks.device_checks(session, device_id, lo, hi)
-    ]
+    raw += [Span(c.start_at, c.end_at, (c,)) for c in checks.overlapping(arming, lo, hi)]
     merged: list[Span] = []
     for span in sorted(raw, key=lambda s: (s.start, s.end)):
         if merged and span.start < merged[-1].end:
@@ -106,32 +108,28 @@ def device_spans(
     return merged
 
 
+def device_spans(
+    session: Session, device_id: str, windows: Iterable[Window], lo: float, hi: float
+) -> list[Span]:
+    """``spans_of`` for one device, its checks read from the database."""
+    return spans_of(windows, checks.device_checks(session, device_id, lo, hi), lo, hi)
+
+
 def open_span(spans: Iterable[Span], now: float) -> Span | None:
     return next((s for s in spans if s.contains(now)), None)
 
 
-def next_edge_for(
-    session: Session, device: Device, windows: Iterable[Window], now: float, policy: Policy
+def next_edge(
+    data: DeviceData, now: float, policy: Policy, deadlines: Iterable[float]
 ) -> float | None:
     """The next instant at which this device's desired state or checks may change."""
-    edges = []
-    for span in device_spans(session, device.id, windows, now, now + 8 * 86400):
+    edges = list(deadlines)
+    for span in spans_of(data.windows, data.arming(), now, now + EDGE_HORIZON_S):
         edges += [span.start, span.end]
         for c in span.checks:
             edges += [c.start_at - policy.preflight_s, c.start_at, c.end_at]
             edges.append(c.start_at + policy.arm_confirm_s)
-    edges += checks.next_deadlines(session, device.id, now)
-    if device.armed_until is not None and device.reported_state is not LockState.LOCKED:
-        edges.append(device.armed_until + LOCK_GRACE_S)
-    future = [e for e in edges if e > now]
-    return min(future) if future else None
-
-
-def next_edge(windows: Iterable[Window], now: float, device: Device) -> float | None:
-    """The next instant at which this device's desired state may change."""
-    edges = []
-    for occ in occurrences(windows, now, now + 8 * 86400):
-        edges += [occ.start.timestamp(), occ.end.timestamp()]
+    device = data.device
     if device.armed_until is not None and device.reported_state is not LockState.LOCKED:
         edges.append(device.armed_until + LOCK_GRACE_S)
     future = [e for e in edges if e > now]
@@ -143,25 +141,31 @@ def reconcile_device(
     ledger: Ledger,
     metrics: FleetMetrics,
     policy: Policy,
-    device: Device,
+    data: DeviceData,
     now: float,
 ) -> list[Publish]:
+    """One device, from what ``fleet.snapshot.load`` read (for many devices at once);
+    writes go to the caller's session, in the caller's transaction."""
+    device = data.device
     if device.hold_until is not None and now < device.hold_until:
         return []  # a commissioning test is driving this device (fleet/commissioning.py)
     ctx = checks.Ctx(metrics, policy.preflight_s)
-    out: list[Publish] = checks.advance_device(session, ctx, device, now)
-    windows = session.exec(select(Window).where(Window.device_id == device.id)).all()
+    out: list[Publish] = checks.advance_device(session, ctx, data, now)
     ahead = max(policy.visit_horizon_s, policy.preflight_s)
-    spans = device_spans(session, device.id, windows, now - 1, now + ahead + 1)
+    spans = spans_of(data.windows, data.arming(), now - 1, now + ahead + 1)
     occ = open_span(spans, now)
-    pending = ledger.pending(session, device.id)
+    pending = data.pending_now()
     reported = device.reported_state
     if occ is not None:
         until = int(occ.end)
         armed = reported is not LockState.LOCKED and device.armed_until == until
         arm_pending = any(c.kind is CommandKind.ARM and c.until == until for c in pending)
         if not armed and not arm_pending:
-            out.append(ledger.issue(session, device, CommandKind.ARM, now=now, until=until))
+            out.append(
+                ledger.issue(
+                    session, device, CommandKind.ARM, now=now, until=until, pending=data.pending
+                )
+            )
         if not armed and now - occ.start >= policy.arm_confirm_s:
             key = f"arm:{device.id}:{int(occ.start)}"
             pub = visits.raise_visit(
@@ -177,9 +181,9 @@ def reconcile_device(
             out += [pub] if pub else []
             checks.link_visit_key(session, key, occ.checks)
     elif reported is not LockState.LOCKED:
-        out += _lock(session, ledger, metrics, device, pending, now)
+        out += _lock(session, ledger, metrics, data, pending, now)
     out += _fallback_visits(session, metrics, policy, device, spans, occ, now)
-    out += checks.preflight(session, ctx, device, now, window_open=occ is not None)
+    out += checks.preflight(session, ctx, data, now, window_open=occ is not None)
     return out
 
 
@@ -191,10 +195,11 @@ def _lock(
     session: Session,
     ledger: Ledger,
     metrics: FleetMetrics,
-    device: Device,
+    data: DeviceData,
     pending: Iterable[Command],
     now: float,
 ) -> list[Publish]:
+    device = data.device
     ends = device.armed_until
     if ends is not None and now < ends + LOCK_GRACE_S and ends <= now:
         return []  # the device's own timer is locking it right now; let it report
@@ -202,7 +207,7 @@ def _lock(
         return []
     if ends is not None and ends <= now:
         log.error("device=%s still reported armed past its window end", device.id)
-    return [ledger.issue(session, device, CommandKind.DISARM, now=now)]
+    return [ledger.issue(session, device, CommandKind.DISARM, now=now, pending=data.pending)]
 
 
 def _fallback_visits(

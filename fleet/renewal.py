@@ -13,7 +13,7 @@ so the topic names the requester. The exchange::
 A repeated request with the same ``req`` gets the same certificate (the first answer may
 have been lost); a device asking again within ``renew_min_interval_s`` is refused.
 
-The link is its own MQTT connection (client id ``{mqtt_client_id}-pki``), so the ingest
+The link is its own MQTT connection (client id ``{client_id()}-pki``), so the ingest
 path and its channel set stay exactly as they are.
 """
 
@@ -224,13 +224,15 @@ class RenewalLink:
     def _make_client(self) -> aiomqtt.Client:
         f = self.p.service.settings
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Persistent like the ingest link: only with a configured (stable) client id.
+        persistent = f.persistent_session()
+        props.SessionExpiryInterval = SESSION_EXPIRY_S if persistent else 0
         return aiomqtt.Client(
             f.broker_host,
             f.broker_port,
-            identifier=f"{f.mqtt_client_id}-pki",
+            identifier=f"{f.client_id()}-pki",
             protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            clean_start=not persistent,
             properties=props,
             tls_context=self.p.ca.fleet_tls(),
             keepalive=30,

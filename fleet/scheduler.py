@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,12 @@ from .metrics import FleetMetrics, job_type
 log = logging.getLogger(__name__)
 
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600}
+# Edges are rounded *up* to this grid (ms), so edges a few ms apart share one job.
+EDGE_TICK_MS = 50
+
+
+def _edge_job_id(instant_ms: int) -> str:
+    return f"edge:@{instant_ms}"  # an instant (epoch ms), never a device id
 
 
 class FleetScheduler:
@@ -49,10 +56,10 @@ class FleetScheduler:
         self,
         metrics: FleetMetrics,
         *,
-        on_edge: Callable[[str], Awaitable[None]],
+        on_edge: Callable[[list[str]], Awaitable[None]],
         periodic: dict[str, tuple[float, Callable[[], Awaitable[None]]]],
         clock: Callable[[], float] = time.time,
-        on_missed: Callable[[str], None] | None = None,
+        on_missed: Callable[[str, list[str] | None], None] | None = None,
     ) -> None:
         self._metrics = metrics
         self._on_edge = on_edge
@@ -60,6 +67,9 @@ class FleetScheduler:
         self._clock = clock
         self._on_missed = on_missed
         self._paused = False
+        # Next edges on the service's clock, epoch ms: device -> instant -> devices.
+        self._edge_of: dict[str, int] = {}
+        self._edge_devices: dict[int, set[str]] = {}
         self.alerts: list[dict[str, Any]] = []  # the latest missed jobs, newest last
         self._sched = AsyncIOScheduler(timezone=UTC, job_defaults=JOB_DEFAULTS)
         self._sched.add_listener(
@@ -115,33 +125,66 @@ class FleetScheduler:
         self._metrics.scheduler_running.set(0)
 
     def set_edges(self, edges: dict[str, float | None]) -> None:
-        """(Re)schedule each device's next window edge under a stable job id."""
+        """(Re)schedule each device's next edge. Devices whose edges fall on the same
+        instant share one job (``edge:@<epoch ms>``), so the 10,000 devices whose windows
+        open at 22:00 are one reconcile call, not 10,000."""
+        touched: set[int] = set()
         for device_id, at in edges.items():
-            job_id = f"edge:{device_id}"
+            old = self._edge_of.pop(device_id, None)
+            if old is not None and old in self._edge_devices:
+                members = self._edge_devices[old]
+                members.discard(device_id)
+                if not members:
+                    del self._edge_devices[old]
+                    touched.discard(old)
+                    with contextlib.suppress(JobLookupError):
+                        self._sched.remove_job(_edge_job_id(old))
             if at is None:
-                with contextlib.suppress(JobLookupError):
-                    self._sched.remove_job(job_id)
                 continue
-            # The service's instant as a delay on the scheduler's own clock.
-            run_date = datetime.now(UTC) + timedelta(seconds=at - self._clock())
+            # Never early: an edge reconciled before its instant changes nothing.
+            instant = math.ceil(at * 1000 / EDGE_TICK_MS) * EDGE_TICK_MS
+            self._edge_of[device_id] = instant
+            self._edge_devices.setdefault(instant, set()).add(device_id)
+            touched.add(instant)
+        now = self._clock()
+        for instant in touched:
+            # The service's instant as a delay on the scheduler's own clock (re-done for
+            # every instant touched, so a re-plan after a clock step moves the job).
+            job_id = _edge_job_id(instant)
             self._sched.add_job(
-                self._on_edge,
-                DateTrigger(run_date=run_date),
-                args=[device_id],
+                self._fire_edge,
+                DateTrigger(run_date=datetime.now(UTC) + timedelta(seconds=instant / 1000 - now)),
+                args=[instant],
                 id=job_id,
                 name=job_id,
                 replace_existing=True,
             )
+
+    async def _fire_edge(self, instant: int) -> None:
+        devices = self._take_edge(instant)
+        if devices:
+            await self._on_edge(devices)
+
+    def _take_edge(self, instant: int) -> list[str]:
+        """The devices of this instant, no longer scheduled (their reconcile re-plans them)."""
+        devices = sorted(self._edge_devices.pop(instant, ()))
+        for device_id in devices:
+            if self._edge_of.get(device_id) == instant:
+                del self._edge_of[device_id]
+        return devices
 
     @property
     def job_count(self) -> int:
         return len(self._sched.get_jobs())
 
     def jobs(self) -> list[dict[str, Any]]:
-        return [
-            {"id": j.id, "next_run": j.next_run_time.isoformat() if j.next_run_time else None}
-            for j in self._sched.get_jobs()
-        ]
+        out = []
+        for j in self._sched.get_jobs():
+            job = {"id": j.id, "next_run": j.next_run_time.isoformat() if j.next_run_time else None}
+            if j.id.startswith("edge:@"):
+                job["devices"] = len(self._edge_devices.get(j.args[0], ()))
+            out.append(job)
+        return out
 
     def _listen(self, event: JobEvent) -> None:
         if event.code in (EVENT_JOB_MISSED, EVENT_JOB_MAX_INSTANCES):
@@ -162,7 +205,11 @@ class FleetScheduler:
                 ]
                 log.error("scheduler job %s did not run at its time", event.job_id)
                 if self._on_missed is not None:
-                    self._on_missed(event.job_id)
+                    # The devices of a missed edge (None: a periodic job, i.e. all).
+                    devices = None
+                    if family == "edge":
+                        devices = self._take_edge(int(event.job_id.removeprefix("edge:@")))
+                    self._on_missed(event.job_id, devices)
         elif event.code == EVENT_JOB_ERROR:
             assert isinstance(event, JobExecutionEvent)
             self._metrics.jobs_failed.labels(job_type=job_type(event.job_id)).inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -22,8 +23,9 @@ from .config import FleetSettings
 from .core import FleetOps
 from .db import init_db, make_engine
 from .gauges import CertificateWatch, inventory_certificates
+from .incident import Detector, PlatformIncidents
 from .ingest import Ingest
-from .liveness import Liveness
+from .liveness import Liveness, confirm_silent
 from .metrics import FleetMetrics
 from .models import Device, Look, Window
 from .mqtt import MqttLink
@@ -35,6 +37,8 @@ from .scheduler import FleetScheduler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+RECONCILE_PART = 1000  # devices per transaction when one edge concerns very many
 
 
 class FleetService:
@@ -72,8 +76,15 @@ class FleetService:
             reconcile=self.reconcile,
             clock=clock,
             publish=self.publish,
+            submit=self._submit,
         )
-        self.link = MqttLink(settings, self.metrics, self.ingest.handle, self._on_connect)
+        self.link = MqttLink(
+            settings,
+            self.metrics,
+            self.ingest.handle_batch,
+            self._on_connect,
+            fast=self.ingest.heartbeat_fast,  # heartbeats of online devices, in its thread
+        )
         self.scheduler = FleetScheduler(
             self.metrics,
             on_edge=self._on_edge,
@@ -85,6 +96,20 @@ class FleetService:
             clock=clock,
             on_missed=self._on_missed,
         )
+        # One platform incident when many devices drop at once (fleet/incident.py).
+        self.incidents = PlatformIncidents(
+            Detector(
+                min_devices=settings.incident_min_devices,
+                min_share=settings.incident_min_share,
+                window_s=settings.incident_window_s,
+                link_down_s=settings.offline_after_s,
+                close_share=settings.incident_close_share,
+                settle_s=settings.incident_settle_s,
+            ),
+            self.metrics,
+            db=self.db,
+            run=self.ops.run,
+        )
         # Care plans: scheduler leadership, outbox sender, coverage (fleet/plan_service.py).
         self.plans = PlanRuntime(self)
         # Pairing, device certificates, equipment lifecycle (fleet/pairing.py); needs the CA.
@@ -95,8 +120,13 @@ class FleetService:
     # --- plumbing --------------------------------------------------------------------
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        if self.ingest.inbound is not None:
+            self.ingest.inbound.seal()  # queued device messages stay ahead of this job
+        return await self._submit(functools.partial(fn, *args))
+
+    def _submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Put a job on the database thread now (FIFO with every job before it)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def publish(self, items: list[Publish]) -> None:
         if items:
@@ -105,9 +135,24 @@ class FleetService:
     async def reconcile(self, device_ids: list[str] | None) -> None:
         if not self.plans.leader:
             return  # only the scheduler leader issues lock commands; its sweep covers this
-        result = await self.db(self.ops.reconcile, device_ids, self.clock())
-        await self.publish(result.publish)
-        self.scheduler.set_edges(result.next_edges)
+        if device_ids is None or len(device_ids) <= RECONCILE_PART:
+            result = await self.db(self.ops.reconcile, device_ids, self.clock())
+            await self.publish(result.publish)
+            self.scheduler.set_edges(result.next_edges)
+            return
+        # Many devices at one edge (10,000 windows opening at 22:00): a transaction per
+        # part, and the next part computed while this one's commands are published, so
+        # the first arms leave after one part's work, not after the whole fleet's.
+        parts = [
+            device_ids[i : i + RECONCILE_PART] for i in range(0, len(device_ids), RECONCILE_PART)
+        ]
+        pending = asyncio.ensure_future(self.db(self.ops.reconcile, parts[0], self.clock()))
+        for nxt in [*parts[1:], None]:
+            result = await pending
+            if nxt is not None:
+                pending = asyncio.ensure_future(self.db(self.ops.reconcile, nxt, self.clock()))
+            await self.publish(result.publish)
+            self.scheduler.set_edges(result.next_edges)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -117,6 +162,9 @@ class FleetService:
             # Silence counts from start-up, so a restart never marks the fleet offline.
             at = max(last_seen or 0, self.clock())
             self.liveness.baseline(device_id, at, online=online, camera=camera)
+        # What start-up built lives as long as the process: keep it out of the cyclic GC's
+        # scans, which ingest (thousands of short-lived objects a second) triggers often.
+        gc.freeze()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.link.run(), name="mqtt-link")]
@@ -127,12 +175,20 @@ class FleetService:
                 self.scheduler.start(paused=True)
                 tasks.append(tg.create_task(self.plans.run(), name="scheduler-leadership"))
                 tasks.append(tg.create_task(self._gauges(), name="gauges"))
+                tasks.append(tg.create_task(self._standby_liveness(), name="standby-liveness"))
                 if self.pairing is not None:
                     tasks.append(tg.create_task(self.pairing.run(), name="pairing"))
                 await self._stopping.wait()
                 for task in tasks:
                     task.cancel()
         finally:
+            if self.ingest.inbound is not None:
+                # Device messages already taken off the wire (and acknowledged to the broker)
+                # are applied before the database closes.
+                try:
+                    await asyncio.wait_for(self.ingest.inbound.drain(), 10)
+                except (Exception, asyncio.CancelledError) as exc:
+                    log.warning("queued device messages not applied: %s", type(exc).__name__)
             self.scheduler.shutdown()
             await self.plans.stop()
             self.plans.release()
@@ -159,22 +215,40 @@ class FleetService:
 
     async def _on_connect(self) -> None:
         # A (re)connection may have lost in-flight messages either way: resync everything.
+        # Only the scheduler leader sends commands (a standby re-sending the ledger would
+        # race the leader's own resends); a standby that becomes leader reconciles then.
+        if not self.plans.leader:
+            return
         await self.reconcile(None)
         await self.publish(await self.db(self.ops.resend, self.clock(), 0.0))
 
-    async def _on_edge(self, device_id: str) -> None:
-        await self.reconcile([device_id])
+    async def _on_edge(self, device_ids: list[str]) -> None:
+        # Every device whose edge falls on this instant, in one reconcile (fleet/scheduler.py).
+        await self.reconcile(device_ids)
 
-    def _on_missed(self, job_id: str) -> None:
-        """A job that did not run at its time: reconcile now what it would have."""
-        device = job_id.removeprefix("edge:") if job_id.startswith("edge:") else None
+    def _on_missed(self, job_id: str, device_ids: list[str] | None) -> None:
+        """A job that did not run at its time: reconcile now what it would have (an edge's
+        devices; ``None``: everything)."""
         asyncio.get_running_loop().create_task(
-            self.reconcile([device] if device else None), name=f"repair-{job_id}"[:60]
+            self.reconcile(device_ids), name=f"repair-{job_id}"[:60]
         )
 
     async def _sweep(self) -> None:
         await self.reconcile(None)
         await self.plans.on_sweep(self.clock())
+
+    async def _standby_liveness(self) -> None:
+        """A standby writes what it heard (last-seen, camera, clock) like the leader's
+        liveness job does: with a shared subscription the leader hears only its share."""
+        while True:
+            await asyncio.sleep(self.settings.liveness_interval_s)
+            if self.plans.leader:
+                continue  # the liveness job does this and more
+            try:
+                seen, camera = self.liveness.drain(), self.liveness.drain_camera()
+                await self.db(self.ops.flush_liveness, seen, camera, self.clock())
+            except Exception as exc:  # the next round writes what is still dirty
+                log.warning("standby liveness flush failed: %s", type(exc).__name__)
 
     async def _gauges(self) -> None:
         """Dashboard gauges from the database, on every replica (a standby too) and
@@ -206,12 +280,23 @@ class FleetService:
         for age in ages:
             self.metrics.heartbeat_age.observe(age)
         self.metrics.heartbeat_age_max.set(max(ages, default=0.0))
-        touched = await self.db(self.ops.mark_silent, self.liveness.silent(), now)
+        silent = self.liveness.silent()
+        if silent and self.settings.shared_group:  # replicas: what the others heard counts
+            confirm = functools.partial(confirm_silent, live=self.liveness, silent=silent, now=now)
+            silent = await self.db(self.ops.run, confirm)
+        touched = await self.db(self.ops.mark_silent, silent, now)
         touched += await self.db(
             self.ops.flush_liveness, self.liveness.drain(), self.liveness.drain_camera(), now
         )
         if touched:
             await self.reconcile(touched)
+        await self.incidents.tick(
+            mono=time.monotonic(),
+            now=now,
+            online=self.liveness.online_count(),
+            fleet=len(self.ingest.known),
+            link_up=self.link.connected.is_set(),
+        )
 
     async def readiness(self) -> dict[str, bool]:
         def ping() -> bool:

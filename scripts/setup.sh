@@ -51,6 +51,19 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ "$want_test" -eq 1 ]; then
+  # The database tests run on SQLite and on PostgreSQL at 127.0.0.1:5432 as user postgres
+  # without a password (TILLSYN_TEST_PG overrides). A machine without PostgreSQL gets
+  # Debian's, with loopback trust for that user only: a throwaway test server.
+  if [ -z "${TILLSYN_TEST_PG:-}" ] && ! command -v pg_lsclusters >/dev/null 2>&1; then
+    echo "setup: installing PostgreSQL for the database tests"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+      ver="$(basename "$(dirname "$(dirname "$hba")")")"
+      as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload >/dev/null 2>&1 || true
+    done
+  fi
   # The machine's PostgreSQL is used by the database tests: start it if it is down.
   if command -v pg_lsclusters >/dev/null 2>&1; then
     pg_lsclusters -h | while read -r ver cluster _port status _rest; do

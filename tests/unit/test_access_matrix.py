@@ -237,10 +237,12 @@ def seed(session: Session, now: float) -> dict[str, Any]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory, pki_dir: Any) -> AsyncIterator[World]:
+async def world(
+    tmp_path_factory: pytest.TempPathFactory, pki_dir: Any, module_database_url: str
+) -> AsyncIterator[World]:
     tmp: Path = tmp_path_factory.mktemp("matrix")
     settings = FleetSettings(
-        database_url=f"sqlite:///{tmp / 'fleet.db'}",
+        database_url=module_database_url,
         signing_key_file=tmp / "key.pem",
         pairing={"pki_dir": pki_dir.directory},  # so the pairing routes are served too
     )

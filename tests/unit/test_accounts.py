@@ -27,14 +27,15 @@ def box(tmp_path: Path) -> accounts.SecretBox:
 
 
 @pytest.fixture
-def session(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+def session(database_url: str):
+    engine = make_engine(database_url)
     init_db(engine)
     with Session(engine) as s:
         accounts.set_roles(s, "nurse-1", [auth.Role.NIGHT_STAFF], ["north"], now=NOW, actor="test")
         accounts.set_password(s, "nurse-1", PASSWORD, now=NOW, actor="test")
         s.commit()
         yield s
+    engine.dispose()
 
 
 def actions(session: Session) -> list[str]:

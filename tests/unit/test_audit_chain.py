@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import threading
 
 import pytest
 from sqlalchemy import text
@@ -17,10 +17,11 @@ DAY = 86400.0
 
 
 @pytest.fixture
-def engine(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+def engine(database_url: str):
+    engine = make_engine(database_url)
     init_db(engine)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 def fill(engine, n: int, start: float = 1_000_000.0, step: float = DAY) -> None:
@@ -149,3 +150,33 @@ def test_two_writers_cannot_fork_the_chain(engine) -> None:
         )
         with pytest.raises(IntegrityError):
             b.commit()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_concurrent_appends_wait_for_the_head_instead_of_failing(engine) -> None:
+    # PostgreSQL: a second writer (another replica) waits on the head lock, then continues
+    # the chain from the first writer's entry.
+    fill(engine, 1)
+    done: list[BaseException | None] = []
+    with Session(engine) as a:
+        audit.append(a, ts=1.0, actor="a", action="x")  # holds the head until commit
+
+        def writer_b() -> None:
+            try:
+                with Session(engine) as b:
+                    audit.append(b, ts=2.0, actor="b", action="y")
+                    b.commit()
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        thread = threading.Thread(target=writer_b)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "b did not wait for a's head"
+        a.commit()
+        thread.join(10)
+    assert done == [None]
+    with Session(engine) as s:
+        report = audit.verify(s)
+        assert report.ok and report.entries == 3

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import date, datetime
 from pathlib import Path
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet import audit, checks, coverage, plans, signing
 from fleet.core import FleetOps
@@ -42,8 +43,8 @@ T0 = at(11, 12)  # Monday noon: the night of the 11th begins
 
 
 @pytest.fixture
-def ops(tmp_path: Path) -> FleetOps:
-    engine = make_engine(f"sqlite:///{tmp_path / 'f.db'}")
+def ops(tmp_path: Path, database_url: str) -> Iterator[FleetOps]:
+    engine = make_engine(database_url)
     init_db(engine)
     key = signing.load_or_create(tmp_path / "key.pem")
     policy = Policy(arm_confirm_s=60, visit_horizon_s=3600, preflight_s=1800)
@@ -51,7 +52,8 @@ def ops(tmp_path: Path) -> FleetOps:
     with ops.session() as s:
         s.add(Device(id="dev-p1", resident_id="res-1", connectivity=Connectivity.ONLINE))
         s.add(Device(id="dev-p2", resident_id="res-2", connectivity=Connectivity.ONLINE))
-    return ops
+    yield ops
+    engine.dispose()
 
 
 PLAN = {
@@ -109,11 +111,14 @@ def outcome(ops: FleetOps, check_id: int, result: Outcome, now: float) -> None:
 
 
 def visits(ops: FleetOps) -> list[Visit]:
-    return list(ops.run(lambda s: s.exec(select(Visit)).all()))
+    return list(ops.run(lambda s: s.exec(select(Visit).order_by(col(Visit.id))).all()))
 
 
 def audit_actions(ops: FleetOps) -> list[tuple[str, str]]:
-    return [(e.actor, e.action) for e in ops.run(lambda s: s.exec(select(AuditEvent)).all())]
+    return [
+        (e.actor, e.action)
+        for e in ops.run(lambda s: s.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all())
+    ]
 
 
 def test_plan_needs_consent_to_be_active_and_every_change_is_audited(ops: FleetOps) -> None:
@@ -161,7 +166,8 @@ def test_plan_needs_consent_to_be_active_and_every_change_is_audited(ops: FleetO
     assert [c.agreed for c in night_checks(ops, draft.id)][:2] == ["22:00", "02:00"]
     with ops.session() as s:
         entries = [
-            (e.actor, e.action, json.loads(e.detail)) for e in s.exec(select(AuditEvent)).all()
+            (e.actor, e.action, json.loads(e.detail))
+            for e in s.exec(select(AuditEvent).order_by(col(AuditEvent.id))).all()
         ]
         assert audit.verify(s).ok
     plan_entries = [(a, act, d) for a, act, d in entries if act.startswith("plan.")]
@@ -248,12 +254,16 @@ def test_not_seen_twice_runs_the_chain_call_then_visit(ops: FleetOps) -> None:
     armed(ops, "dev-p1", at(11, 22, 22), at(11, 22, 12, 2))
     look(ops, recheck.id, at(11, 22, 13))
     outcome(ops, recheck.id, Outcome.NOT_SEEN, at(11, 22, 14))
-    steps = list(ops.run(lambda s: s.exec(select(EscalationStep)).all()))
+    steps = list(
+        ops.run(lambda s: s.exec(select(EscalationStep).order_by(col(EscalationStep.id))).all())
+    )
     assert [(x.action, x.status) for x in steps] == [("call", StepStatus.OPEN)]
     assert visits(ops) == []
     # Nobody completes the call task within call_timeout_s: the scheduler moves on.
     ops.reconcile(None, at(11, 22, 24, 1))
-    steps = list(ops.run(lambda s: s.exec(select(EscalationStep)).all()))
+    steps = list(
+        ops.run(lambda s: s.exec(select(EscalationStep).order_by(col(EscalationStep.id))).all())
+    )
     assert [(x.action, x.status, x.done_by) for x in steps] == [
         ("call", StepStatus.TIMED_OUT, "scheduler"),
         ("visit", StepStatus.DONE, "fleet"),
@@ -264,7 +274,10 @@ def test_not_seen_twice_runs_the_chain_call_then_visit(ops: FleetOps) -> None:
     ops.reconcile(None, at(11, 22, 30))
     assert len(visits(ops)) == 1
     # The visit is in the outbox, written with it.
-    kinds = [e.kind for e in ops.run(lambda s: s.exec(select(OutboxEvent)).all())]
+    kinds = [
+        e.kind
+        for e in ops.run(lambda s: s.exec(select(OutboxEvent).order_by(col(OutboxEvent.id))).all())
+    ]
     assert kinds == ["visit.raised"]
 
 
@@ -279,7 +292,9 @@ def test_call_task_resolved_by_staff_ends_the_chain(ops: FleetOps) -> None:
     ops.reconcile(None, at(11, 22, 10, 1))
     row = next(c for c in night_checks(ops, plan_id) if c.id == first.id)
     assert row.unrecorded and row.state is CheckState.ESCALATED
-    (step,) = ops.run(lambda s: s.exec(select(EscalationStep)).all())
+    (step,) = ops.run(
+        lambda s: s.exec(select(EscalationStep).order_by(col(EscalationStep.id))).all()
+    )
     assert step.why == "no_outcome" and step.id is not None
     with ops.session() as s:
         checks.complete_step(
@@ -386,7 +401,11 @@ def test_preflight_raises_the_visit_before_the_window_not_at_its_start(ops: Flee
     assert len(visits(ops)) == 1
     # The check the visit replaces ends as "visit", not as an unrecorded miss.
     ops.reconcile(None, at(11, 22, 11))
-    rows = ops.run(lambda s: s.exec(select(Check).where(Check.agreed == "22:00")).all())
+    rows = ops.run(
+        lambda s: s.exec(
+            select(Check).where(Check.agreed == "22:00").order_by(col(Check.start_at))
+        ).all()
+    )
     assert rows[0].state is CheckState.VISIT and not rows[0].unrecorded
 
 
@@ -414,7 +433,9 @@ def test_coverage_lists_what_went_wrong_last_night(ops: FleetOps) -> None:
         ("check", "ended with no outcome and no visit"),
         ("device", "device dev-p1 is offline"),
     ]
-    assert ops.run(lambda s: s.exec(select(Command)).all())  # sanity: the night did run
+    assert ops.run(
+        lambda s: s.exec(select(Command).order_by(col(Command.id))).all()
+    )  # sanity: the night did run
 
 
 def test_unanswered_video_call_counts_as_not_seen(ops: FleetOps) -> None:

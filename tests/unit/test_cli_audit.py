@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from fleet import audit, followup
 from fleet.db import init_db, make_engine
@@ -19,12 +19,12 @@ HOUR = 3600.0
 
 
 @pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    monkeypatch.setenv("TILLSYN_DATABASE_URL", url)
-    engine = make_engine(url)
+def db(database_url: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TILLSYN_DATABASE_URL", database_url)
+    engine = make_engine(database_url)
     init_db(engine)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 def run(*args: str, input: str | None = None):
@@ -176,7 +176,7 @@ def test_sample_check_export_and_extract(db, tmp_path: Path) -> None:
     assert lines[0].startswith("look_id,staff_id,device_id")
     assert len(lines) == 1 + 10 and all("dev-a" in line for line in lines[1:])
     with Session(db) as s:
-        acts = [e.action for e in s.exec(select(AuditEvent))]
+        acts = [e.action for e in s.exec(select(AuditEvent).order_by(col(AuditEvent.id)))]
         assert {"followup.sampled", "followup.checked", "audit.extract"} <= set(acts)
         assert audit.verify(s).ok
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlmodel import Session, select
 
@@ -12,13 +10,14 @@ from fleet.db import init_db, make_engine
 
 
 @pytest.fixture
-def session(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+def session(database_url: str):
+    engine = make_engine(database_url)
     init_db(engine)
     with Session(engine) as s:
         s.add(auth.StaffAccount(id="tech-1", roles="technician,night_staff", teams="north"))
         s.commit()
         yield s
+    engine.dispose()
 
 
 def test_token_round_trip_and_hash_at_rest(session: Session) -> None:

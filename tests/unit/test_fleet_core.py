@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet import audit, signing
 from fleet.config import FleetSettings, load_settings
@@ -43,11 +44,12 @@ T22 = datetime(2026, 11, 23, 21, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
-def ops(tmp_path: Path) -> FleetOps:
-    engine = make_engine(f"sqlite:///{tmp_path / 'f.db'}")
+def ops(tmp_path: Path, database_url: str) -> Iterator[FleetOps]:
+    engine = make_engine(database_url)
     init_db(engine)
     key = signing.load_or_create(tmp_path / "key.pem")
-    return FleetOps(engine, key, FleetMetrics(), Policy(arm_confirm_s=60, visit_horizon_s=3600))
+    yield FleetOps(engine, key, FleetMetrics(), Policy(arm_confirm_s=60, visit_horizon_s=3600))
+    engine.dispose()
 
 
 def add(ops: FleetOps, device_id: str = "dev-a1", *, start: str = "22:00:00", length: int = 600):
@@ -59,12 +61,16 @@ def add(ops: FleetOps, device_id: str = "dev-a1", *, start: str = "22:00:00", le
 
 def commands(ops: FleetOps, device_id: str = "dev-a1") -> list[Command]:
     return list(
-        ops.run(lambda s: s.exec(select(Command).where(Command.device_id == device_id)).all())
+        ops.run(
+            lambda s: s.exec(
+                select(Command).where(Command.device_id == device_id).order_by(col(Command.id))
+            ).all()
+        )
     )
 
 
 def visits(ops: FleetOps) -> list[Visit]:
-    return list(ops.run(lambda s: s.exec(select(Visit)).all()))
+    return list(ops.run(lambda s: s.exec(select(Visit).order_by(col(Visit.id))).all()))
 
 
 def report(ops: FleetOps, state: LockState, until: float | None, now: float, seq: int = 0):

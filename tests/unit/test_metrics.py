@@ -3,6 +3,7 @@ database on the sweep, certificate expiry from the PKI files, and the event coun
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,11 +58,12 @@ def value(m: FleetMetrics, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def ops(tmp_path: Path) -> FleetOps:
-    engine = make_engine(f"sqlite:///{tmp_path / 'f.db'}")
+def ops(tmp_path: Path, database_url: str) -> Iterator[FleetOps]:
+    engine = make_engine(database_url)
     init_db(engine)
     key = signing.load_or_create(tmp_path / "key.pem")
-    return FleetOps(engine, key, FleetMetrics(), Policy(arm_confirm_s=60, visit_horizon_s=3600))
+    yield FleetOps(engine, key, FleetMetrics(), Policy(arm_confirm_s=60, visit_horizon_s=3600))
+    engine.dispose()
 
 
 def device(ops: FleetOps, device_id: str, window: str | None = None, length: int = 600) -> None:

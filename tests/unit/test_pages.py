@@ -39,9 +39,9 @@ class Site:
 
 
 @pytest_asyncio.fixture
-async def site(tmp_path: Path) -> AsyncIterator[Site]:
+async def site(tmp_path: Path, database_url: str) -> AsyncIterator[Site]:
     settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        database_url=database_url,
         signing_key_file=tmp_path / "key.pem",
         login_max_failures=3,
     )

@@ -1,0 +1,126 @@
+"""Device messages (state, ack, event) applied in batches: one transaction for everything
+queued by the time the database thread gets to it.
+
+One transaction per message cost about 1.5 ms on SQLite; 10,000 devices acknowledging
+the arms of one window start are then 15 s of the database thread. The queue keeps the
+order of arrival (per device, and against every other database job: the service seals the
+open batch whenever it submits anything else), and each message runs in its own savepoint,
+so one that fails is rejected alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from sqlmodel import Session
+
+from tillsyn_protocol import Ack, Event, StateReport
+
+from .outbound import Publish
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 5000  # messages per transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    device_id: str
+    message: StateReport | Ack | Event
+    now: float
+    contact: bool = False  # the first message after silence: the device is back first
+
+
+@dataclass(slots=True)
+class Applied:
+    touched: list[str] = field(default_factory=list)  # devices to reconcile
+    publish: list[Publish] = field(default_factory=list)
+    rejected: list[tuple[Inbound, str, str]] = field(default_factory=list)  # item, why, detail
+
+
+def begin(session: Session) -> None:
+    """Open the transaction now. pysqlite opens one only before DML, so a first SAVEPOINT
+    would be the outermost and its RELEASE a COMMIT: the batch would not be one transaction."""
+    conn = session.connection()
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN")
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[Inbound]
+    taken: bool = False
+
+
+Submit = Callable[[Callable[[], Applied]], "asyncio.Future[Applied]"]
+
+
+class InboundQueue:
+    """Called from the event loop; ``apply`` runs on the database thread."""
+
+    def __init__(
+        self,
+        apply: Callable[[list[Inbound]], Applied],
+        *,
+        submit: Submit,
+        done: Callable[[list[Inbound], Applied], Awaitable[None]],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._apply = apply
+        self._submit = submit
+        self._done = done
+        self._max = max_batch
+        self._lock = threading.Lock()  # the database thread takes what the loop appends to
+        self._open: _Batch | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, item: Inbound) -> None:
+        with self._lock:
+            batch = self._open
+            if batch is not None and not batch.taken and len(batch.items) < self._max:
+                batch.items.append(item)
+                return
+            batch = self._open = _Batch([item])
+        # Submitted now, so its place among the database thread's jobs is fixed now.
+        future = self._submit(lambda: self._run(batch))
+        task = asyncio.get_running_loop().create_task(self._finish(batch, future))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def seal(self) -> None:
+        """Something else goes to the database thread now: what comes later goes after it."""
+        with self._lock:
+            self._open = None
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is applied (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _run(self, batch: _Batch) -> Applied:
+        with self._lock:
+            batch.taken = True
+            items = list(batch.items)
+        try:
+            return self._apply(items)
+        except Exception as exc:
+            # The transaction failed as a whole, typically a conflict with another writer
+            # (two replicas appending to the audit chain). Once more, here, so nothing
+            # queued after this batch is applied before it.
+            log.warning("device message batch failed (%s): once more", type(exc).__name__)
+            return self._apply(items)
+
+    async def _finish(self, batch: _Batch, future: asyncio.Future[Applied]) -> None:
+        try:
+            result = await future
+        except Exception as exc:  # the transaction failed as a whole (database down...)
+            log.error("%d device messages not applied: %s", len(batch.items), type(exc).__name__)
+            result = Applied(rejected=[(i, "db_error", type(exc).__name__) for i in batch.items])
+        try:
+            await self._done(batch.items, result)
+        except Exception as exc:  # never lost silently: reconcile's sweep repairs the rest
+            log.error("after %d device messages: %s", len(batch.items), type(exc).__name__)

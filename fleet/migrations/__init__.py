@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the fleet database (run by :mod:`fleet.migrate`)."""

@@ -1,0 +1,121 @@
+"""Coalescing: edges due at one instant are one job and one reconcile call; device messages
+queued for the database thread go in one batch, in order, behind every job before them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_MISSED, JobEvent
+from prometheus_client import CollectorRegistry
+
+from fleet.batch import Applied, Inbound, InboundQueue
+from fleet.metrics import FleetMetrics
+from fleet.scheduler import FleetScheduler
+from tillsyn_protocol import LockState, StateReport
+
+
+def _scheduler(
+    calls: list[list[str]], missed: list[tuple[str, list[str] | None]], clock: Any = time.time
+) -> FleetScheduler:
+    async def on_edge(devices: list[str]) -> None:
+        calls.append(devices)
+
+    return FleetScheduler(
+        FleetMetrics(CollectorRegistry()),
+        on_edge=on_edge,
+        periodic={},
+        clock=clock,
+        on_missed=lambda job, devices: missed.append((job, devices)),
+    )
+
+
+async def test_edges_at_one_instant_are_one_job_and_one_reconcile() -> None:
+    calls: list[list[str]] = []
+    sched = _scheduler(calls, [])
+    sched.start()
+    try:
+        soon = math.floor((time.time() + 0.3) * 20) / 20 + 0.001  # just past a 50 ms tick
+        devices = [f"dev-s{i:04d}" for i in range(2000)]
+        sched.set_edges({d: soon + (i % 3) * 0.01 for i, d in enumerate(devices)})  # one tick
+        sched.set_edges({"dev-late": soon + 3600, "dev-none": None})
+        assert sched.job_count == 2
+        # A device's edge moves: it leaves its old instant; an emptied instant has no job.
+        sched.set_edges({"dev-late": soon + 7200})
+        assert sched.job_count == 2
+        assert [j.get("devices") for j in sched.jobs()] == [2000, 1]
+        for _ in range(100):
+            if calls:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        assert len(calls) == 1 and sorted(calls[0]) == devices
+        assert sched.job_count == 1
+        # Re-planned from the reconcile: the instant is scheduled afresh.
+        sched.set_edges({devices[0]: time.time() + 0.1})
+        await asyncio.sleep(0.5)
+        assert calls[-1] == [devices[0]]
+    finally:
+        sched.shutdown()
+
+
+async def test_an_edge_is_never_early_and_a_missed_one_is_repaired_with_its_devices() -> None:
+    missed: list[tuple[str, list[str] | None]] = []
+    sched = _scheduler([], missed)
+    sched.start(paused=True)  # a standby: jobs kept, none run
+    try:
+        at = time.time() + 60.001
+        sched.set_edges({"dev-m1": at, "dev-m2": at})
+        (job,) = sched.jobs()
+        instant_ms = int(job["id"].removeprefix("edge:@"))
+        assert instant_ms >= at * 1000 and instant_ms - at * 1000 < 50
+        sched._listen(JobEvent(EVENT_JOB_MISSED, job["id"], None))
+        sched._listen(JobEvent(EVENT_JOB_MISSED, "sweep", None))
+        assert missed == [(job["id"], ["dev-m1", "dev-m2"]), ("sweep", None)]
+    finally:
+        sched.shutdown()
+
+
+def _state(n: int) -> StateReport:
+    return StateReport(ts=n, state=LockState.LOCKED, since=n, last_seq=n)
+
+
+async def test_queued_messages_are_one_batch_in_order_and_stay_behind_other_jobs() -> None:
+    executor = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def apply(items: list[Inbound]) -> Applied:
+        batches.append([int(i.now) for i in items])
+        order.extend(f"msg{int(i.now)}" for i in items)
+        return Applied(touched=[i.device_id for i in items])
+
+    done: list[Applied] = []
+
+    async def finished(items: list[Inbound], result: Applied) -> None:
+        done.append(result)
+
+    def submit(fn: Any) -> asyncio.Future[Any]:
+        return loop.run_in_executor(executor, fn)
+
+    queue = InboundQueue(apply, submit=submit, done=finished, max_batch=3)
+    blocker = submit(gate.wait)  # the database thread is busy
+    for n in range(1, 6):
+        queue.add(Inbound("dev-q1", _state(n), n))
+    queue.seal()  # another job goes to the database thread now
+    other = submit(lambda: order.append("other"))
+    queue.add(Inbound("dev-q1", _state(6), 6))
+    gate.set()
+    await blocker
+    await other
+    await queue.drain()
+    assert batches == [[1, 2, 3], [4, 5], [6]]
+    assert order == ["msg1", "msg2", "msg3", "msg4", "msg5", "other", "msg6"]
+    assert [len(r.touched) for r in done] == [3, 2, 1]
+    executor.shutdown()
