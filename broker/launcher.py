@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -202,6 +203,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _raise_nofile(pid: int) -> None:
+    """Let the broker use the hard limit of open files: one per client connection, and
+    the usual soft limit (1024) would refuse connections long before 10,000 devices."""
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class MosquittoProcess:
     """One Mosquitto running the rendered production config on ``host:port``.
 
@@ -323,6 +332,7 @@ class MosquittoProcess:
                 start_new_session=detached,
             )
         self._detached = detached
+        _raise_nofile(self._proc.pid)
         logger.info(
             "started mosquitto pid=%d on %s:%d (workdir %s)",
             self._proc.pid,

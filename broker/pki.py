@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "init_pki",
     "is_valid_device_id",
     "issue_device_cert",
+    "issue_device_certs",
     "issue_server_cert",
     "load_ca",
     "load_certificate",
@@ -530,6 +532,56 @@ def issue_device_cert(
             san=_client_san("device", device_id),
         )
     return cert_path, key_path
+
+
+def issue_device_certs(
+    directory: Path,
+    device_ids: Iterable[str],
+    out_dir: Path,
+    *,
+    days: int = DEFAULT_CERT_DAYS,
+) -> dict[str, tuple[Path, Path]]:
+    """Many device certificates at once: ``{id: (cert_path, key_path)}`` in ``out_dir``.
+
+    For the simulator's thousands of devices: the CA is loaded once, and an id whose
+    ``{id}.crt`` and ``{id}.key`` already exist in ``out_dir`` is reused as it is (a
+    cache: the caller keys ``out_dir`` by CA). Files are not fsynced one by one: these
+    are throw-away identities, and 20,000 fsyncs would dominate the run.
+    """
+    ca = load_ca(directory)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    issued: dict[str, tuple[Path, Path]] = {}
+    for device_id in device_ids:
+        validate_device_id(device_id)
+        cert_path, key_path = out_dir / f"{device_id}.crt", out_dir / f"{device_id}.key"
+        issued[device_id] = (cert_path, key_path)
+        if cert_path.exists() and key_path.exists():
+            continue
+        key = _new_key()
+        cert = _issue(
+            ca,
+            public_key=key.public_key(),
+            common_name=device_id,
+            days=days,
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            san=_client_san("device", device_id),
+        )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        # Key first, each created with its final mode and renamed into place.
+        for path, data, mode in (
+            (key_path, pem, _PRIVATE_MODE),
+            (cert_path, cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE),
+        ):
+            tmp = path.with_name(f".{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            tmp.replace(path)
+    return issued
 
 
 def _check_csr_key(key: CertificatePublicKeyTypes, device_id: str) -> None:

@@ -64,7 +64,10 @@ from .renewal import Renewer
 from .reports import Outbox, Reporter
 from .store import SeqStore
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "ClientFactory"]
+
+# Builds the MQTT client for one connection attempt; signature of ``link.make_client``.
+ClientFactory = Callable[..., aiomqtt.Client]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,11 @@ class Agent:
         *,
         camera: CameraDriver | None = None,
         clock: ClockSource | None = None,
+        client_factory: ClientFactory = make_client,
     ) -> None:
         self.config = config
+        # The simulator (firmware_agent/sim.py) wraps the MQTT client to inject faults.
+        self._make_client = client_factory
         self._clock: ClockSource = clock or SystemClock(
             require_ntp_sync=config.clock.require_ntp_sync
         )
@@ -462,7 +468,7 @@ class Agent:
         attempt = 0
         broker = self.config.broker
         while True:
-            client = make_client(
+            client = self._make_client(
                 self.config,
                 self._tls,
                 will_topic=self._topics[Channel.STATUS],

@@ -11,8 +11,10 @@ import click
 
 from broker.cli import broker, pki
 from firmware_agent.cli import agent
+from firmware_agent.sim_cli import sim
 from fleet.cli import commands, devices, fleet, look, visits, windows
 from fleet.cli_audit import audit_group
+from fleet.cli_db import db_group
 from fleet.cli_pairing import device, inventory, pair
 from fleet.cli_plans import GROUPS as PLAN_GROUPS
 from fleet.cli_staff import staff
@@ -43,6 +45,8 @@ def cli(ctx: click.Context, verbose: int, json_logs: bool | None, token: str | N
 for group in (fleet, agent, pki, broker, dev, devices, windows, visits, commands, look, staff):
     cli.add_command(group)
 cli.add_command(audit_group)
+cli.add_command(sim)  # simulated devices (firmware_agent/sim*.py)
+cli.add_command(db_group)
 for group in (pair, inventory, device):  # pairing and equipment (fleet/cli_pairing.py)
     cli.add_command(group)
 for group in PLAN_GROUPS:  # plans, checks, escalations, night (fleet/cli_plans.py)

@@ -1,0 +1,136 @@
+"""Window storm: N devices whose window opens at the same second; time from the window's
+start to each device's acknowledged ARMED as the fleet recorded it (``command.acked_at`` of
+the arm in the ledger), against the raw floor measured in the same run.
+
+The floor (bench/_bare_commander.py, its own process like the fleet): sign N arm tokens
+with tillsyn_protocol.tokens, publish them QoS 1 with paho and collect the N acks, no fleet
+logic, to the same simulated devices (first disarmed, so each arm is the same LOCKED ->
+ARMED transition). Target: fleet p99 <= 1.5x the floor's p99.
+
+    .venv/bin/python -m bench.window_storm [--devices 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from bench._common import start_broker
+from bench._sim import FleetProcess, SimProcess, percentile, table
+from broker.pki import PkiPaths
+from firmware_agent.sim_fleet import register_in_db
+
+TZ = "Europe/Stockholm"
+WINDOW_S = 1800
+
+
+def acked_arms(db: Path) -> list[tuple[str, float]]:
+    """(device, acked_at) of every acknowledged arm in the ledger."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        return con.execute(
+            "SELECT device_id, acked_at FROM command"
+            " WHERE lower(kind) = 'arm' AND acked_at IS NOT NULL"
+        ).fetchall()
+
+
+def floor(
+    root: Path, pki: PkiPaths, port: int, fleet: FleetProcess, ids: list[str], until: int
+) -> list[float]:
+    ids_file = root / "ids.txt"
+    ids_file.write_text("\n".join(ids))
+    args = [str(port), str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key)]
+    args += [str(fleet.key_file), str(ids_file), "1000000", str(until)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench._bare_commander", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    ready = proc.stdout.readline().split()
+    if not ready or ready[0] != "ready":
+        raise SystemExit("bare commander failed")
+    time.sleep(2)  # the disarm's state reports settle
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out = json.loads(proc.stdout.readline())
+    proc.wait(30)
+    latencies: list[float] = out["latencies"]
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--lead", type=float, help="s before the window opens [auto]")
+    args = parser.parse_args()
+    n = args.devices
+    with tempfile.TemporaryDirectory(prefix="bench-window-storm-") as tmp:
+        root = Path(tmp)
+        pki, broker = start_broker(root)
+        fleet = sim = None
+        try:
+            # Far enough ahead for the fleet to start and every device to connect; on a
+            # whole minute, so the windows open "in the same minute" (at its first second).
+            lead = args.lead or 60 + n * 0.02
+            t0 = math.ceil((time.time() + lead) / 60) * 60
+            start_local = datetime.fromtimestamp(t0, ZoneInfo(TZ)).strftime("%H:%M:%S")
+            ids = [f"dev-sim-{i:06d}" for i in range(n)]
+            register_in_db(f"sqlite:///{root / 'fleet.db'}", ids, window=(start_local, WINDOW_S))
+            fleet = FleetProcess(root, pki, broker.port, tz=TZ).start()
+            sim = SimProcess(root, pki, broker.port, fleet.public_key, n, "--direct").start()
+            sim.wait_ready()
+            if time.time() > t0 - 5:
+                raise SystemExit(f"not ready before the window opened; try --lead {lead * 2:.0f}")
+            print(f"window opens at {start_local} ({t0 - time.time():.0f} s)", file=sys.stderr)
+            deadline = t0 + 600
+            rows: list[tuple[str, float]] = []
+            while time.time() < deadline:
+                time.sleep(2)
+                rows = acked_arms(fleet.db) if time.time() > t0 else []
+                if len(rows) >= n:
+                    break
+            fleet_cpu = fleet.cpu()
+            fleet.stop()
+            floor_lat = floor(root, pki, broker.port, fleet, ids, t0 + WINDOW_S)
+        finally:
+            if sim is not None:
+                sim.stop()
+            if fleet is not None:
+                fleet.stop()
+            broker.stop()
+    acked = [a - t0 for _, a in rows]
+
+    def stats(values: list[float]) -> str:
+        return (
+            f"p50 {percentile(values, 50):6.2f}  p99 {percentile(values, 99):6.2f}"
+            f"  max {max(values, default=float('nan')):6.2f} s  (n={len(values):,})"
+        )
+
+    ratio = percentile(acked, 99) / percentile(floor_lat, 99)
+    print("window_storm: setup: 2 cores, loopback, Mosquitto 2.0.11 production config,")
+    print(f"  {n:,} simulated agents ({sim.processes if sim else 1} processes), fleet on SQLite\n")
+    print(
+        table(
+            [
+                ("fleet: window start -> ack recorded", stats(acked)),
+                ("floor: sign + publish + ack", stats(floor_lat)),
+                ("fleet p99 / floor p99", f"{ratio:.2f}x (target <= 1.5x)"),
+                ("acked arms", f"{len(acked):,} of {n:,}"),
+                ("fleet CPU (start-up and storm)", f"{fleet_cpu:.1f} s"),
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
