@@ -102,12 +102,16 @@ def main() -> None:
             if args.burst:
                 before, cpu_b = heartbeats_counted(fleet), fleet.cpu()
                 publish_load(pki, broker.port, ids[:1000], args.burst)
-                last, stable = -1.0, 0
-                while stable < 5:  # drained
-                    time.sleep(0.2)
-                    now = heartbeats_counted(fleet)
-                    stable = stable + 1 if now == last else 0
-                    last = now
+                # Drained when the count grows no faster than the devices' own heartbeats
+                # (with N devices connected it never stands still).
+                last, t_last = heartbeats_counted(fleet), time.monotonic()
+                while True:
+                    time.sleep(1.0)
+                    now, t_now = heartbeats_counted(fleet), time.monotonic()
+                    drained = (now - last) / (t_now - t_last) <= 1.5 * hb_rate + 5
+                    last, t_last = now, t_now
+                    if drained:
+                        break
                 burst_cpu = fleet.cpu() - cpu_b
                 # The devices' own heartbeats keep coming during the burst: count them all.
                 ceiling = (last - before) / burst_cpu

@@ -59,7 +59,13 @@ from .camera import CameraDriver, build_camera, driver_timeout
 from .clock import ClockSource, SystemClock
 from .config import AgentConfig
 from .errors import AgentError, CameraError, StoreError
-from .link import backoff_delay, make_client, make_ssl_context
+from .link import (
+    ConnectionCloser,
+    backoff_delay,
+    connack_timeout,
+    make_client,
+    make_ssl_context,
+)
 from .renewal import Renewer
 from .reports import Outbox, Reporter
 from .store import SeqStore
@@ -474,9 +480,15 @@ class Agent:
                 will_topic=self._topics[Channel.STATUS],
                 will_payload=self._reports.status("offline"),
             )
-            connected = False
+            closer = ConnectionCloser(client)
+            connected = cancelled = False
+            # The CONNACK wait gets its own, longer bound (see link.connack_timeout); every
+            # later round trip keeps the client's own timeout.
+            round_trip_timeout = client.timeout
+            client.timeout = connack_timeout(broker.keepalive_s)
             try:
                 async with client:
+                    client.timeout = round_trip_timeout
                     connected, attempt = True, 0
                     await self._on_connect(client)
                     async for message in client.messages:
@@ -484,8 +496,16 @@ class Agent:
                 why = "connection closed"
             except aiomqtt.MqttError as exc:
                 why = str(exc) or type(exc).__name__
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
                 self._client = None
+                # Whatever ended this attempt (no CONNACK in time, a refused CONNACK, a TLS
+                # or socket error, a lost connection, cancellation), its connection is closed
+                # before the next attempt: aiomqtt leaves it open in some of these cases, and
+                # a connection left behind completes later as a session takeover.
+                closer.close(cancelled=cancelled)
             self.counters["disconnects" if connected else "connect_failures"] += 1
             delay = backoff_delay(attempt, broker.reconnect_min_s, broker.reconnect_max_s)
             if self._reconnect_now:  # a planned reconnect (new certificate): no backoff

@@ -425,17 +425,17 @@ class FleetOps:
         self, seen: dict[str, Seen], camera: dict[str, CameraHealth], now: float
     ) -> list[str]:
         """One batched write of last-seen times; reconcile devices whose camera changed."""
-        plain = [{"id": d, "last_seen": e.at} for d, e in seen.items() if e.heartbeat is None]
+        plain = [{"id": d, "last_seen": e.at} for d, e in seen.items() if e.facts is None]
         full = [
             {
                 "id": d,
                 "last_seen": e.at,
-                "firmware": e.heartbeat.fw,
-                "clock_synced": e.heartbeat.clock_synced,
+                "firmware": e.facts.fw,
+                "clock_synced": e.facts.clock_synced,
                 "clock_skew_s": e.skew_s,
             }
             for d, e in seen.items()
-            if e.heartbeat is not None
+            if e.facts is not None
         ]
         changed: list[str] = []
         with self.session() as session:

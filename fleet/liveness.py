@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlmodel import Session, col, select
 
@@ -30,24 +31,43 @@ from .checks import CLOCK_SKEW_LIMIT_S
 from .models import Device
 
 
+class Facts(NamedTuple):
+    """What the database keeps of a heartbeat besides the time. Interned (one shared
+    tuple per distinct value, :func:`facts_of`): 10,000 devices on one firmware hold one
+    object, not 10,000 heartbeat models (about 1 KB each)."""
+
+    fw: str
+    clock_synced: bool
+
+
+_FACTS: dict[tuple[str, bool], Facts] = {}
+
+
+def facts_of(heartbeat: Heartbeat) -> Facts:
+    key = (heartbeat.fw, heartbeat.clock_synced)
+    facts = _FACTS.get(key)
+    if facts is None:
+        facts = _FACTS.setdefault(key, Facts(*key))  # bounded: firmware versions x 2
+    return facts
+
+
 @dataclass(slots=True)
 class Seen:
     at: float  # fleet clock, epoch s: what is written to the database and shown
     mono: float = 0.0  # monotonic s: silence is elapsed time, whatever the wall clock does
-    heartbeat: Heartbeat | None = None
+    facts: Facts | None = None  # None: contact without a heartbeat (an ack, a status)
     skew_s: float | None = None
     # What the database has (as of the last drain): decides whether a write is due.
     written_at: float | None = None
-    written_hb: Heartbeat | None = None
+    written_facts: Facts | None = None
     written_skew: float | None = None
 
     def due(self, every_s: float) -> bool:
         if self.written_at is None or self.at - self.written_at >= every_s:
             return True
-        hb, old = self.heartbeat, self.written_hb
-        if hb is None or hb is old:
+        if self.facts is None:
             return False
-        if old is None or hb.clock_synced != old.clock_synced or hb.fw != old.fw:
+        if self.facts is not self.written_facts:  # interned: identity is equality
             return True  # what pre-flight checks and the inventory read: at once
         # Pre-flight asks whether the skew is past the limit: a crossing is written at once.
         return _too_far(self.skew_s) != _too_far(self.written_skew)
@@ -111,7 +131,7 @@ class Liveness:
             entry = self._seen[device_id] = Seen(now)
         entry.at, entry.mono = now, self.mono()
         if heartbeat is not None:
-            entry.heartbeat = heartbeat
+            entry.facts = facts_of(heartbeat)
             entry.skew_s = round(heartbeat.ts - now, 3)
             if self._camera.get(device_id) is not heartbeat.camera:
                 self._camera[device_id] = heartbeat.camera
@@ -155,8 +175,8 @@ class Liveness:
             for d in self._dirty:
                 e = self._seen[d]
                 if e.due(every):
-                    out[d] = Seen(e.at, e.mono, e.heartbeat, e.skew_s)
-                    e.written_at, e.written_hb, e.written_skew = e.at, e.heartbeat, e.skew_s
+                    out[d] = Seen(e.at, e.mono, e.facts, e.skew_s)
+                    e.written_at, e.written_facts, e.written_skew = e.at, e.facts, e.skew_s
             self._dirty.difference_update(out)
         return out
 

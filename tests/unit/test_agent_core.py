@@ -504,12 +504,17 @@ async def test_stop_is_bounded_and_leaves_the_camera_off(rig: Rig) -> None:
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
+    # The first retry (attempt 0) is jittered too, over [1, 2] s: it used to be exactly
+    # the minimum, which brought a whole fleet back in lockstep after a broker restart.
     highs = [backoff_delay(n, 1.0, 60.0, uniform=lambda lo, hi: hi) for n in range(10)]
-    assert highs == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0]
+    assert highs == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0, 60.0]
+    firsts = [backoff_delay(0, 1.0, 60.0) for _ in range(200)]
+    assert all(1.0 <= s <= 2.0 for s in firsts)
+    assert len({round(s, 3) for s in firsts}) > 50
     lows = {backoff_delay(n, 1.0, 60.0, uniform=lambda lo, hi: lo) for n in range(10)}
     assert lows == {1.0}
     assert backoff_delay(10_000, 1.0, 60.0, uniform=lambda lo, hi: hi) == 60.0
-    samples = [backoff_delay(5, 1.0, 60.0) for _ in range(200)]
+    samples = [backoff_delay(4, 1.0, 60.0) for _ in range(200)]
     assert all(1.0 <= s <= 32.0 for s in samples)
     assert len({round(s, 3) for s in samples}) > 50  # spread out, not synchronised
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fleet.liveness import Liveness
+from fleet.liveness import Liveness, facts_of
+from tillsyn_protocol import CameraHealth, Heartbeat, LockState
 
 
 class Mono:
@@ -37,3 +38,38 @@ def test_baseline_counts_silence_from_start_up() -> None:
     assert live.ages() == [2.0]
     mono.t += 2
     assert [d for d, _ in live.silent()] == ["dev-a1"]
+
+
+def _hb(ts: float, *, fw: str = "1.2.0", synced: bool = True) -> Heartbeat:
+    return Heartbeat(
+        v=1,
+        ts=ts,
+        seq=1,
+        uptime_s=10,
+        state=LockState.LOCKED,
+        camera=CameraHealth.OK,
+        clock_synced=synced,
+        fw=fw,
+    )
+
+
+def test_last_seen_writes_are_throttled_but_fact_changes_go_at_once() -> None:
+    mono = Mono()
+    live = Liveness(threshold_s=120, mono=mono, write_every_s=10)
+    live.seen("dev-a1", 1_000.0, _hb(1_000.0))
+    assert set(live.drain()) == {"dev-a1"}  # first heartbeat: written
+    live.seen("dev-a1", 1_002.0, _hb(1_002.0))
+    assert live.drain() == {}  # same facts, 2 s later: waits for the 10 s write
+    live.seen("dev-a1", 1_003.0, _hb(1_003.0, fw="1.3.0"))
+    drained = live.drain()
+    assert drained["dev-a1"].facts == ("1.3.0", True)  # new firmware: at once
+    live.seen("dev-a1", 1_004.0, _hb(1_004.0 + 3600, fw="1.3.0"))
+    assert set(live.drain()) == {"dev-a1"}  # skew crossed pre-flight's limit: at once
+    live.seen("dev-a1", 1_015.0, _hb(1_015.0 + 3600, fw="1.3.0"))
+    assert set(live.drain()) == {"dev-a1"}  # 11 s since the last write
+
+
+def test_heartbeat_facts_are_shared_between_devices() -> None:
+    # Memory per device: 10,000 devices on one firmware keep one facts object.
+    assert facts_of(_hb(1.0)) is facts_of(_hb(2.0))
+    assert facts_of(_hb(1.0)) is not facts_of(_hb(1.0, synced=False))

@@ -1,0 +1,243 @@
+"""The agent's connect attempts against a broker that does not answer as it should.
+
+A fake broker on 127.0.0.1 counts the agent's TCP connections that are open (accepted,
+not yet closed by the agent). Whatever goes wrong with an attempt (no CONNACK in time, a
+refused CONNACK, a failed TLS handshake), its connection must be closed before the next
+attempt: an abandoned connection that completes later is a session takeover at a real
+broker (the 10,000-device benchmark saw 41,728 in 5 minutes). Every retry delay,
+the first included, is jittered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import firmware_agent.agent as agent_module
+import firmware_agent.link as link_module
+from broker.pki import PkiPaths
+from firmware_agent import Agent, AgentConfig, SimulatedCamera
+from tests.integration.agent_helpers import (
+    Signer,
+    agent_config_data,
+    running,
+    unique_device_id,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(60),
+    # A socket the agent left for the garbage collector to close ("unclosed <ssl.SSLSocket")
+    # is a leak too, even when it happens to be collected in time.
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+]
+
+CONNACK_WAIT_S = 0.5
+RECONNECT_MIN_S = 0.3
+RECONNECT_MAX_S = 1.2
+SLOW_TLS_S = 1.0
+# MQTT 5 CONNACK: session present 0, reason 0x87 "Not authorized", no properties.
+CONNACK_NOT_AUTHORIZED = b"\x20\x03\x00\x87\x00"
+
+
+@dataclass
+class FakeBroker:
+    """Accepts TCP; then, by ``mode``:
+
+    - ``silent``: completes the TLS handshake (with the test PKI's broker certificate)
+      and never answers CONNECT, like a broker with a backlog of CONNECTs;
+    - ``refuse``: completes TLS and answers CONNECT with a refusing CONNACK;
+    - ``bad_tls``: answers the TLS ClientHello with bytes that are not TLS;
+    - ``slow_tls``: starts the TLS handshake only after ``SLOW_TLS_S``, then as ``silent``.
+
+    It never closes a connection itself: each stays open until the agent closes it.
+    """
+
+    mode: str
+    tls: ssl.SSLContext
+    open_now: int = 0
+    max_open: int = 0
+    accepted: list[float] = field(default_factory=list)  # monotonic times
+    closed: list[float] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.append(time.monotonic())
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
+        try:
+            if self.mode == "bad_tls":
+                await reader.read(1)  # the ClientHello
+                writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            else:
+                if self.mode == "slow_tls":
+                    await asyncio.sleep(SLOW_TLS_S)
+                await writer.start_tls(self.tls)
+                if self.mode == "refuse":
+                    await reader.read(1)  # the CONNECT
+                    writer.write(CONNACK_NOT_AUTHORIZED)
+            while await reader.read(4096):  # until the agent closes its end
+                pass
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass  # the agent closed (or reset) the connection
+        finally:
+            self.open_now -= 1
+            self.closed.append(time.monotonic())
+            writer.transport.abort()
+
+
+class _Protocol(asyncio.StreamReaderProtocol):
+    """``asyncio.start_server``'s protocol; ``paused``: read nothing until ``start_tls``
+    (else the ClientHello would land in the StreamReader, lost to the TLS layer)."""
+
+    def __init__(
+        self,
+        handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        *,
+        paused: bool,
+    ) -> None:
+        super().__init__(asyncio.StreamReader(), handle)
+        self._paused_at_start = paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._paused_at_start:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()
+        super().connection_made(transport)
+
+
+@contextlib.asynccontextmanager
+async def fake_broker(mode: str, pki: PkiPaths) -> AsyncIterator[tuple[FakeBroker, int]]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(pki.broker_cert), str(pki.broker_key))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as the real broker
+    broker = FakeBroker(mode, ctx)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _Protocol(broker.handle, paused=mode == "slow_tls"), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield broker, port
+    finally:
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await server.wait_closed()
+
+
+@pytest.fixture
+def delays(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float]]:
+    """Short timeouts for the test, and every (attempt, delay) the agent's backoff chose."""
+    monkeypatch.setattr(link_module, "CONNACK_TIMEOUT_S", CONNACK_WAIT_S, raising=False)
+    monkeypatch.setattr(link_module, "CLIENT_TIMEOUT_S", CONNACK_WAIT_S)
+    chosen: list[tuple[int, float]] = []
+    real = link_module.backoff_delay
+
+    def spy(attempt: int, low: float, high: float) -> float:
+        delay = real(attempt, low, high)
+        chosen.append((attempt, delay))
+        return delay
+
+    monkeypatch.setattr(agent_module, "backoff_delay", spy)
+    return chosen
+
+
+def agent_for(
+    tmp_path: Path, pki: PkiPaths, device_cert: Callable[[str], tuple[Path, Path]], port: int
+) -> Agent:
+    device_id = unique_device_id()
+    cert, key = device_cert(device_id)
+    data = agent_config_data(
+        device_id=device_id,
+        pki=pki,
+        cert=cert,
+        key=key,
+        command_keys=[Signer(device_id).write_public_key(tmp_path / "cmd.pem")],
+        state_dir=tmp_path / "state",
+        port=port,
+        broker={
+            "host": "127.0.0.1",
+            "port": port,
+            "keepalive_s": 5,  # paho itself drops a silent connection after this long
+            "reconnect_min_s": RECONNECT_MIN_S,
+            "reconnect_max_s": RECONNECT_MAX_S,
+            "session_expiry_s": 300,
+        },
+    )
+    return Agent(AgentConfig.from_mapping(data), camera=SimulatedCamera())
+
+
+@pytest.mark.parametrize("mode", ["silent", "refuse", "bad_tls"])
+async def test_failed_attempts_leave_no_connection_open(
+    mode: str,
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    delays: list[tuple[int, float]],
+) -> None:
+    attempts = 4
+    async with fake_broker(mode, pki_dir) as (broker, port):
+        agent = agent_for(tmp_path, pki_dir, device_cert, port)
+        async with running(agent):
+            await wait_until(
+                lambda: len(broker.closed) >= attempts,
+                timeout=20,
+                what=f"{attempts} failed connect attempts",
+            )
+            # At any moment at most one connection from this agent was open.
+            assert broker.max_open == 1, (broker.max_open, len(broker.accepted))
+            assert not agent.connected
+            assert agent.counters["connect_failures"] >= attempts - 1
+        # Stopping the agent leaves nothing open either.
+        await wait_until(lambda: broker.open_now == 0, timeout=3, what="no open connection")
+        assert broker.max_open == 1
+
+    # Every retry waited a jittered delay within [min, max], the first one included.
+    assert len(delays) >= attempts - 1
+    assert all(RECONNECT_MIN_S <= d <= RECONNECT_MAX_S for _, d in delays)
+    assert delays[0][0] == 0  # no connect ever succeeded: attempts count up from 0
+    first = delays[0][1]
+    assert first != RECONNECT_MIN_S  # was exactly the minimum: a fleet in lockstep
+    assert first <= 2 * RECONNECT_MIN_S
+    assert len({d for _, d in delays}) == len(delays)
+    # ... and the agent really waited them: the next connection came after the delay.
+    for i, (_, delay) in enumerate(delays[: len(broker.accepted) - 1]):
+        gap = broker.accepted[i + 1] - broker.closed[i]
+        assert gap >= delay - 0.05, (i, gap, delay)
+
+
+async def test_stop_during_the_tls_handshake_leaves_no_connection(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    delays: list[tuple[int, float]],
+) -> None:
+    """Stopping the agent cancels its connect while paho's executor thread is still in
+    the TLS handshake; the connection that thread completes afterwards is closed at
+    once, not left to send CONNECT and live on until its keepalive (5 s here)."""
+    async with fake_broker("slow_tls", pki_dir) as (broker, port):
+        agent = agent_for(tmp_path, pki_dir, device_cert, port)
+        async with running(agent):
+            await wait_until(lambda: len(broker.accepted) == 1, timeout=5, what="connect")
+        assert time.monotonic() - broker.accepted[0] < SLOW_TLS_S  # stopped mid-handshake
+        await wait_until(
+            lambda: broker.open_now == 0, timeout=SLOW_TLS_S + 1.5, what="no open connection"
+        )
+        assert len(broker.accepted) == 1
+
+
+async def test_connack_wait_is_longer_than_a_round_trip() -> None:
+    """The CONNACK wait scales with the keepalive, capped; never beyond it (paho drops a
+    connection that received nothing for a keepalive interval)."""
+    assert link_module.connack_timeout(5) == 5
+    assert link_module.connack_timeout(30) == link_module.CONNACK_TIMEOUT_S == 30
+    assert link_module.connack_timeout(600) == 30
+    assert link_module.connack_timeout(30) > link_module.CLIENT_TIMEOUT_S
