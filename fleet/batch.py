@@ -44,10 +44,13 @@ class Applied:
 
 def begin(session: Session) -> None:
     """Open the transaction now. pysqlite opens one only before DML, so a first SAVEPOINT
-    would be the outermost and its RELEASE a COMMIT: the batch would not be one transaction."""
+    would be the outermost and its RELEASE a COMMIT: the batch would not be one transaction.
+    IMMEDIATE: the batch reads, then writes; a deferred transaction whose snapshot another
+    process (a second replica) wrote past fails at its first write with SQLITE_BUSY at once,
+    without the busy timeout. Taking the write lock first waits for it instead."""
     conn = session.connection()
     if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @dataclass(slots=True)
