@@ -43,6 +43,15 @@ async def test_health_readiness_and_metrics_endpoints(make_harness, device_cert)
                 timeout=10,
                 what="gauges refreshed",
             )
+            # The certificate gauges come after the database ones in the same round: wait
+            # for them too, or a loaded machine scrapes in between.
+            await wait_until(
+                lambda: _value(
+                    svc, "tillsyn_certificate_soonest_expiry_timestamp_seconds", kind="device"
+                ),
+                timeout=10,
+                what="certificate gauges refreshed",
+            )
             scrape = await http.get("/metrics")
             assert scrape.status_code == 200
             assert scrape.headers["content-type"].startswith("text/plain")
@@ -71,9 +80,9 @@ async def test_health_readiness_and_metrics_endpoints(make_harness, device_cert)
             assert (await http.get("/healthz")).status_code == 200
 
 
-def _sample(svc, name: str) -> float | None:
-    return svc.metrics.registry.get_sample_value(name)
+def _sample(svc, name: str, **labels: str) -> float | None:
+    return svc.metrics.registry.get_sample_value(name, labels or None)
 
 
-async def _value(svc, name: str) -> bool:
-    return bool(_sample(svc, name))
+async def _value(svc, name: str, **labels: str) -> bool:
+    return bool(_sample(svc, name, **labels))
