@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from fleet.auth import Role
 from fleet.config import FleetSettings
 from fleet.models import AuditEvent, Device, Look
 from fleet.service import FleetService
+from tillsyn_protocol.windows import STOCKHOLM
 
 PASSWORD = "night shift password"
 
@@ -206,10 +208,13 @@ async def test_english_and_swedish(site: Site) -> None:
 
 
 async def test_auditor_follow_up_and_extract_pages(site: Site) -> None:
-    now = time.time()
+    # Yesterday at noon, Stockholm time: the follow-up period is in local days, and "an hour
+    # ago" would straddle midnight when the test runs just after it.
+    yesterday = datetime.now(STOCKHOLM).date() - timedelta(days=1)
+    noon = datetime.combine(yesterday, datetime.min.time(), STOCKHOLM) + timedelta(hours=12)
     with Session(site.service.engine) as s:
         for i in range(6):
-            at = now - 3600 + i * 60
+            at = noon.timestamp() + i * 60
             s.add(Look(id=f"lk-{i}", device_id="dev-n1", staff_id="nurse-1", requested_at=at))
             audit.append(s, ts=at, actor="nurse-1", action="look.requested", subject="dev-n1",
                          look_id=f"lk-{i}", resident="res-1")  # fmt: skip
@@ -219,9 +224,9 @@ async def test_auditor_follow_up_and_extract_pages(site: Site) -> None:
         page = await client.get("/audit/followup")
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert csrf is not None
-        today = time.strftime("%Y-%m-%d")
+        day = yesterday.isoformat()
         r = await client.post(
-            "/audit/followup", data={"csrf": csrf[1], "from": today, "to": today, "size": "3"}
+            "/audit/followup", data={"csrf": csrf[1], "from": day, "to": day, "size": "3"}
         )
         assert r.status_code == 303, r.text
         sample = await client.get(r.headers["location"])
