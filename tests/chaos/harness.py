@@ -39,6 +39,7 @@ from firmware_agent.config import load_config
 from firmware_agent.provision import write_agent_config
 from fleet import signing
 from fleet.models import Command, Device
+from fleet.models import Window as WindowRow
 from tests.integration.fleet_harness import REPO
 from tillsyn_protocol import AckOut, AckResult, Clock, CommandKind, LockState
 
@@ -337,3 +338,28 @@ def devices(engine: Engine) -> dict[str, Device]:
 def table(title: str, rows: list[tuple[str, Any]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
+
+
+def seed_cohorts(
+    engine: Engine,
+    ids: list[str],
+    cohorts: tuple[str, ...],
+    window_s: int,
+    start_of: Callable[[int], float],
+) -> dict[str, list[Window]]:
+    """Register ``ids`` with one legacy window each, device i in cohort i % len(cohorts)
+    (local start ``cohorts[c]``, opening at ``start_of(c)``): the windows the Watch checks."""
+    windows: dict[str, list[Window]] = {}
+    with Session(engine) as s:
+        for i, device_id in enumerate(ids):
+            cohort = i % len(cohorts)
+            s.add(Device(id=device_id, resident_id=f"res-{device_id.removeprefix('dev-')}"))
+            s.add(
+                WindowRow(
+                    device_id=device_id, start_local=f"{cohorts[cohort]}:00", duration_s=window_s
+                )
+            )
+            start = start_of(cohort)
+            windows[device_id] = [Window(start, start + window_s)]
+        s.commit()
+    return windows

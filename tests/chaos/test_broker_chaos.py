@@ -24,23 +24,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from sqlmodel import Session
 
 from broker.launcher import MosquittoProcess
 from broker.pki import PkiPaths
 from fleet.db import init_db, make_engine
-from fleet.models import CommandStatus, Connectivity, Device
-from fleet.models import Window as WindowRow
+from fleet.models import CommandStatus, Connectivity
 from tests.chaos.conftest import Report
 from tests.chaos.harness import (
     AgentHerd,
     FleetProc,
     SharedClock,
     Watch,
-    Window,
     devices,
     fleet_values,
     ledger,
+    seed_cohorts,
     until,
 )
 from tests.integration.sim_night import local
@@ -86,19 +84,7 @@ async def test_broker_killed_many_times_during_a_night(
     engine = make_engine(values["database_url"])
     init_db(engine)
     ids = [f"dev-bc{i:05d}" for i in range(DEVICES)]
-    windows: dict[str, list[Window]] = {}
-    with Session(engine) as s:
-        for i, device_id in enumerate(ids):
-            cohort = i % len(COHORTS)
-            s.add(Device(id=device_id, resident_id=f"res-bc{i:05d}"))
-            s.add(
-                WindowRow(
-                    device_id=device_id, start_local=f"{COHORTS[cohort]}:00", duration_s=WINDOW_S
-                )
-            )
-            start = edge_of(cohort, "start")
-            windows[device_id] = [Window(start, start + WINDOW_S)]
-        s.commit()
+    windows = seed_cohorts(engine, ids, COHORTS, WINDOW_S, lambda c: edge_of(c, "start"))
     fleet = FleetProc(tmp_path, values, clock)
     fleet.start()
     herd = AgentHerd(tmp_path, chaos_pki, clock, fleet.public_key, broker_port=broker.port)

@@ -26,18 +26,17 @@ from sqlmodel import Session, select
 from broker.launcher import MosquittoProcess
 from broker.pki import PkiPaths
 from fleet.db import init_db, make_engine
-from fleet.models import CommandStatus, Connectivity, Device, Visit
-from fleet.models import Window as WindowRow
+from fleet.models import CommandStatus, Connectivity, Visit
 from tests.chaos.conftest import Report
 from tests.chaos.harness import (
     AgentHerd,
     FleetProc,
     SharedClock,
     Watch,
-    Window,
     devices,
     fleet_values,
     ledger,
+    seed_cohorts,
     until,
 )
 from tests.integration.sim_night import local
@@ -79,19 +78,7 @@ async def test_fleet_service_killed_many_times_during_a_night(
     engine = make_engine(values["database_url"])
     init_db(engine)
     ids = [f"dev-fc{i:04d}" for i in range(PER_COHORT * len(COHORTS))]
-    windows: dict[str, list[Window]] = {}
-    with Session(engine) as s:
-        for i, device_id in enumerate(ids):
-            cohort = i % len(COHORTS)
-            s.add(Device(id=device_id, resident_id=f"res-fc{i:04d}"))
-            s.add(
-                WindowRow(
-                    device_id=device_id, start_local=f"{COHORTS[cohort]}:00", duration_s=WINDOW_S
-                )
-            )
-            start = edge_of(cohort, "start")
-            windows[device_id] = [Window(start, start + WINDOW_S)]
-        s.commit()
+    windows = seed_cohorts(engine, ids, COHORTS, WINDOW_S, lambda c: edge_of(c, "start"))
     fleet = FleetProc(tmp_path, values, clock)
     fleet.start()
     herd = AgentHerd(tmp_path, chaos_pki, clock, fleet.public_key, broker_port=broker.port)
