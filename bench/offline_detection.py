@@ -46,13 +46,15 @@ def main() -> None:
     parser.add_argument("--kills", type=int, help="devices killed [min(300, devices / 5)]")
     parser.add_argument("--heartbeat", type=float, default=30.0)
     parser.add_argument("--offline-after", type=float, help="threshold [4/3 of heartbeat]")
+    parser.add_argument("--workdir", type=Path, help="keep logs and the database here")
     args = parser.parse_args()
     n, hb = args.devices, args.heartbeat
     kills = args.kills or min(300, n // 5)
     threshold = args.offline_after or round(hb * 4 / 3, 1)
     keepalive = max(5, int(hb))
     with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
-        root = Path(tmp)
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         pki, broker = start_broker(root)
         fleet = sim = None
         try:
@@ -87,14 +89,17 @@ def main() -> None:
             ).start()
             sim.wait_ready()
             time.sleep(hb + 5)  # every device has heartbeated; the phases are random
+            before = len(visits(fleet.db))  # start-up must not raise any
             third = kills // 3
             died = sim.command(f"die {third}")["applied"]
             switched_off = sim.command(f"off {third}")["applied"]
             dropped = sim.command(f"drop {kills - 2 * third}")["applied"]
             deadline = time.time() + 2 * max(threshold, 1.5 * keepalive) + 30
             raised: dict[str, float] = {}
+            lag_max = 0.0
             while time.time() < deadline:
                 time.sleep(0.5)
+                lag_max = max(lag_max, fleet.metrics().get("tillsyn_ingest_lag_seconds", 0.0))
                 raised = visits(fleet.db)
                 if all(d in raised for d in [*died, *switched_off, *dropped]):
                     break
@@ -132,6 +137,8 @@ def main() -> None:
                     f"{percentile(silent, 99) / hb:.2f}x (target <= 1.5x)",
                 ),
                 ("visits for devices not killed", f"{others} (expected 0)"),
+                ("  of them before the kill", f"{before}"),
+                ("fleet ingest lag, max after the kill", f"{lag_max:.2f} s"),
             ]
         )
     )

@@ -533,6 +533,14 @@ DEVICES = Dashboard(
             unit="ops",
         ),
         series(
+            "Ingest lag",
+            [q("max(tillsyn_ingest_lag_seconds)", "lag")],
+            "How long broker data waits unread by the fleet; 0 when caught up. Offline "
+            "detection waits this much longer (at most offline_after_s) before calling a "
+            "device silent.",
+            unit="s",
+        ),
+        series(
             "Rejected messages by reason",
             [
                 q(

@@ -1,5 +1,6 @@
-"""Device messages (state, ack, event) applied in batches: one transaction for everything
-queued by the time the database thread gets to it.
+"""Device messages that write (state, ack, event, status, the heartbeat of a device coming
+back) applied in batches: one transaction for everything queued by the time the database
+thread gets to it.
 
 One transaction per message cost about 1.5 ms on SQLite; 10,000 devices acknowledging
 the arms of one window start are then 15 s of the database thread. The queue keeps the
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session
 
-from tillsyn_protocol import Ack, Event, StateReport
+from tillsyn_protocol import Ack, Event, Heartbeat, StateReport, Status
 
 from .outbound import Publish
 
@@ -27,10 +28,14 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 5000  # messages per transaction
 
 
+# A heartbeat is queued only as a device's first contact after silence (``contact``).
+InboundMessage = StateReport | Ack | Event | Status | Heartbeat
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
     device_id: str
-    message: StateReport | Ack | Event
+    message: InboundMessage
     now: float
     contact: bool = False  # the first message after silence: the device is back first
 

@@ -23,6 +23,7 @@ from tillsyn_protocol import (
     CommandKind,
     Event,
     EventKind,
+    Heartbeat,
     LockState,
     SigningKey,
     StateReport,
@@ -129,12 +130,14 @@ class FleetOps:
     def on_status(self, device_id: str, status: Status, now: float) -> list[str]:
         """Returns the devices to reconcile now."""
         with self.session() as session:
-            device = self._device(session, device_id)
-            if status.status == "online":
-                device.boot_id = status.boot_id
-                device.firmware = status.fw or device.firmware
-                return self._back_online(session, device, now)
-            return self._gone_offline(session, device, now, "last_will", now)
+            return self._status(session, self._device(session, device_id), status, now)
+
+    def _status(self, session: Session, device: Device, status: Status, now: float) -> list[str]:
+        if status.status == "online":
+            device.boot_id = status.boot_id
+            device.firmware = status.fw or device.firmware
+            return self._back_online(session, device, now)
+        return self._gone_offline(session, device, now, "last_will", now)
 
     def mark_silent(self, silent: list[tuple[str, float]], now: float) -> list[str]:
         with self.session() as session:
@@ -144,11 +147,6 @@ class FleetOps:
                 if device is not None:
                     out += self._gone_offline(session, device, last, "heartbeat_silence", now)
             return out
-
-    def contact(self, device_id: str, now: float) -> list[str]:
-        """First message from a device the fleet thought was not online."""
-        with self.session() as session:
-            return self._back_online(session, self._device(session, device_id), now)
 
     def _back_online(self, session: Session, device: Device, now: float) -> list[str]:
         if device.connectivity is Connectivity.ONLINE:
@@ -257,7 +255,11 @@ class FleetOps:
         if item.contact:
             touched += self._back_online(session, self._device(session, device_id), now)
         pubs: list[Publish] = []
-        if isinstance(msg, StateReport):
+        if isinstance(msg, Heartbeat):
+            pass  # contact only (above); its facts reach the database with the liveness flush
+        elif isinstance(msg, Status):
+            touched += self._status(session, self._device(session, device_id), msg, now)
+        elif isinstance(msg, StateReport):
             touched += self._state(session, device_id, msg, now)
         elif isinstance(msg, Ack):
             touched += self._ack(session, device_id, msg, now, commands)

@@ -23,7 +23,7 @@ from tillsyn_protocol import (
 )
 from tillsyn_protocol.topics import DEVICE_ROOT
 
-from .batch import Applied, Inbound, InboundQueue, Submit
+from .batch import Applied, Inbound, InboundMessage, InboundQueue, Submit
 from .core import FleetOps
 from .errors import NotFound
 from .liveness import Liveness
@@ -131,13 +131,12 @@ class Ingest:
     async def _dispatch(
         self, device_id: str, channel: Channel, payload: bytes, now: float
     ) -> list[str]:
-        ops = self._ops
         match channel:
             case Channel.HB:
                 hb = decode(Heartbeat, payload)
                 self._m.clock_skew.observe(abs(hb.ts - now))
-                if self._live.seen(device_id, now, hb):
-                    return await self._db(ops.contact, device_id, now)
+                if self._live.seen(device_id, now, hb):  # back: a write and a reconcile
+                    return await self._queue(device_id, hb, now, contact=True)
                 return []
             case Channel.STATUS:
                 status = decode(Status, payload)
@@ -145,7 +144,7 @@ class Ingest:
                     self._live.seen(device_id, now)
                 else:
                     self._live.gone(device_id)
-                return await self._db(ops.on_status, device_id, status, now)
+                return await self._queue(device_id, status, now, contact=False)
             case Channel.STATE:
                 return await self._queue(device_id, decode(StateReport, payload), now)
             case Channel.ACK:
@@ -156,14 +155,19 @@ class Ingest:
                 self._reject("cmd", "unexpected", device_id, "the fleet does not read commands")
                 return []
 
-    # --- state, ack, event: batched (fleet/batch.py) --------------------------------------
+    # --- everything that writes: batched (fleet/batch.py) ----------------------------------
 
     async def _queue(
-        self, device_id: str, message: StateReport | Ack | Event, now: float
+        self, device_id: str, message: InboundMessage, now: float, contact: bool | None = None
     ) -> list[str]:
         """Applied with whatever else is queued for the database thread, in one transaction
-        and in order; rejections, publishing and the reconcile follow in ``_applied``."""
-        item = Inbound(device_id, message, now, contact=self._live.seen(device_id, now))
+        and in order; rejections, publishing and the reconcile follow in ``_applied``.
+        Batched because they come in storms: 10,000 devices back after a broker restart,
+        hundreds of Last Wills at once; one transaction and one reconcile each would keep
+        the database thread busy for minutes while every later message waits."""
+        if contact is None:
+            contact = self._live.seen(device_id, now)
+        item = Inbound(device_id, message, now, contact=contact)
         if self.inbound is None:  # no queue: one transaction for this message
             await self._applied([item], await self._db(self._ops.apply_inbound, [item]))
         else:
@@ -180,6 +184,8 @@ class Ingest:
 
 
 _CHANNEL: dict[type, str] = {
+    Heartbeat: Channel.HB.value,
+    Status: Channel.STATUS.value,
     StateReport: Channel.STATE.value,
     Ack: Channel.ACK.value,
     Event: Channel.EVENT.value,

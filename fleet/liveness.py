@@ -146,10 +146,12 @@ class Liveness:
     def is_online(self, device_id: str) -> bool:
         return device_id in self._online
 
-    def silent(self) -> list[tuple[str, float]]:
-        """Online devices not heard from within the threshold, with their last contact."""
+    def silent(self, lag_s: float = 0.0) -> list[tuple[str, float]]:
+        """Online devices not heard from within the threshold, with their last contact.
+        ``lag_s``: how far the fleet's own reading is behind; a heartbeat still waiting in
+        the socket is not silence, so the threshold is extended by that much."""
         with self._lock:
-            limit = self.mono() - self.threshold_s
+            limit = self.mono() - self.threshold_s - max(0.0, lag_s)
             out = [(d, self._seen[d].at) for d in self._online if self._seen[d].mono < limit]
             for device_id, _ in out:
                 self._online.discard(device_id)

@@ -204,6 +204,12 @@ class FleetMetrics:
             (),
             "liveness",
         )
+        self.ingest_lag = self._gauge(
+            "tillsyn_ingest_lag_seconds",
+            "How long broker data has waited unread by the fleet (0: caught up)",
+            (),
+            "liveness",
+        )
         self.scheduler_heartbeat = self._gauge(
             "tillsyn_scheduler_heartbeat_timestamp_seconds",
             "Last time the scheduler's liveness job ran (scheduler liveness)",

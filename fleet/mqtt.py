@@ -54,6 +54,7 @@ PUBLISH_TIMEOUT_S = 10.0
 # then holds the rest at the broker instead of this process's memory growing.
 INBOX_LIMIT = 20_000
 BATCH_MAX = 1000  # messages per call into the consumer (keeps the loop responsive)
+READ_AHEAD = 64 * 1024  # bytes asked of the socket per read (a TLS read returns one record)
 
 Inbound = tuple[str, bytes]  # (topic, payload)
 
@@ -80,6 +81,35 @@ class _Client(paho.Client):
 
     sink: Callable[[str, bytes], None]
     received = 0
+    # Read ahead of paho's parser: paho asks the socket for a packet's first byte, its
+    # length bytes and its body separately, and every TLS read releases the GIL. With the
+    # database thread busy, each reacquisition waits out the switch interval (5 ms), so
+    # reads per packet capped ingest at a few hundred messages per second exactly when
+    # the fleet was busiest (docs/performance.md, "Offline detection"). One read takes a
+    # whole TLS record (up to 16 KB, about a hundred heartbeats) instead.
+    _ahead: bytes = b""
+    _at = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._at >= len(self._ahead):
+            data = super()._sock_recv(READ_AHEAD)  # BlockingIOError: nothing there
+            if not data:
+                return data  # closed by the broker
+            self._ahead, self._at = data, 0
+        start = self._at
+        self._at = min(start + bufsize, len(self._ahead))
+        return self._ahead[start : self._at]
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not parsed yet."""
+        return len(self._ahead) - self._at
+
+    def bytes_waiting(self) -> None:
+        """The broker is sending (bytes wait in the socket) while we do not read: paho's
+        keepalive must count that as traffic, or a consumer paused for two keepalive
+        intervals would drop a healthy connection (private paho 2.2.0 state, as above)."""
+        with self._msgtime_mutex:
+            self._last_bytes_received = time.monotonic()
 
     def _handle_on_message(self, message: paho.MQTTMessage) -> None:
         self.received += 1
@@ -145,6 +175,14 @@ class NetworkThread:
         self._pending: dict[int, Callable[[bool], None]] = {}
         self._thread = threading.Thread(target=self._run, name="mqtt-net", daemon=True)
         self.up = False  # connected and subscribed
+        # Monotonic time since when data has waited unread (None: caught up). Silence is
+        # judged only up to this moment: the fleet's own lag must never read as a device's.
+        self._behind_since: float | None = None
+
+    def lag(self) -> float:
+        """Seconds the oldest unread message may have waited; 0 when caught up or down."""
+        since = self._behind_since
+        return 0.0 if since is None or not self.up else max(0.0, time.monotonic() - since)
 
     def start(self) -> None:
         self._thread.start()
@@ -214,6 +252,7 @@ class NetworkThread:
     def _session(self) -> None:
         cfg = self.config
         self._fail_pending()  # anything queued while the link was down: the ledger resends
+        self._behind_since = None  # a new connection: nothing unread yet
         client = _Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5)
         client.sink = self._on_message
         client.tls_set_context(cfg.tls)
@@ -274,7 +313,7 @@ class NetworkThread:
                 raise LinkDown("connection closed")
             self._send_outbox(client)
             reading = not self._paused()
-            pending = reading and isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            pending = reading and _unread(client, sock)
             rlist: list[Any] = [self._wake_r, sock] if reading else [self._wake_r]
             wlist: list[Any] = [sock] if client.want_write() else []
             timeout = 0.0 if pending else 1.0 if reading else 0.05  # paused: poll the backlog
@@ -283,21 +322,33 @@ class NetworkThread:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
             if pending or sock in ready:
-                self._read(client, sock)
+                self._behind()
+                if self._read(client, sock):
+                    self._behind_since = None
+            elif reading:
+                self._behind_since = None  # nothing was waiting
+            else:  # paused: what the broker sends waits in the socket
+                self._behind()
+                if select.select([sock], [], [], 0)[0]:
+                    client.bytes_waiting()
             if client.want_write():
                 _check(client.loop_write(), "write")
             _check(client.loop_misc(), "keepalive")
 
-    def _read(self, client: _Client, sock: Any) -> None:
-        """Read every packet that is ready (one select for many messages). Stopping early
-        is harmless: select (kernel) and ``pending()`` (TLS buffer) see what is left."""
+    def _behind(self) -> None:
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+
+    def _read(self, client: _Client, sock: Any) -> bool:
+        """Read every packet that is ready (one select for many messages); True if nothing
+        is left. Stopping early is harmless: select (kernel), ``pending()`` (TLS buffer)
+        and our read-ahead see what is left."""
         for _ in range(BATCH_MAX):
             before = client.received
             _check(client.loop_read(), "read")
-            if client.received == before and not (
-                isinstance(sock, ssl.SSLSocket) and sock.pending()
-            ):
-                return
+            if client.received == before and not _unread(client, sock):
+                return True
+        return False
 
     def _send_outbox(self, client: _Client) -> None:
         while self._outbox:
@@ -315,6 +366,11 @@ class NetworkThread:
                 out.done(True)
             else:
                 self._pending[info.mid] = out.done
+
+
+def _unread(client: _Client, sock: Any) -> bool:
+    """Data already read that select cannot see: ours (read ahead) or the TLS layer's."""
+    return client.buffered() > 0 or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
 
 def _check(rc: MQTTErrorCode, what: str) -> None:
@@ -420,6 +476,11 @@ class MqttLink:
             self.connected.clear()
             self._metrics.mqtt_connected.set(0)
             await asyncio.to_thread(net.stop)
+
+    def lag(self) -> float:
+        """Seconds the fleet's reading is behind the broker (0: caught up, or no link)."""
+        net = self._net
+        return net.lag() if net is not None else 0.0
 
     async def publish(self, items: Iterable[Publish]) -> int:
         """Send what can be sent now; returns how many the broker acknowledged (in order)."""

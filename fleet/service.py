@@ -280,7 +280,12 @@ class FleetService:
         for age in ages:
             self.metrics.heartbeat_age.observe(age)
         self.metrics.heartbeat_age_max.set(max(ages, default=0.0))
-        silent = self.liveness.silent()
+        # The fleet's own reading lag (a busy process, a burst) extends the threshold by as
+        # much, up to the threshold itself: lagging longer than that, it is blind, and
+        # blindness sends people (as a lost broker link does).
+        lag = self.link.lag()
+        self.metrics.ingest_lag.set(lag)
+        silent = self.liveness.silent(min(lag, self.settings.offline_after_s))
         if silent and self.settings.shared_group:  # replicas: what the others heard counts
             confirm = functools.partial(confirm_silent, live=self.liveness, silent=silent, now=now)
             silent = await self.db(self.ops.run, confirm)

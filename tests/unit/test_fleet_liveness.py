@@ -29,6 +29,18 @@ def test_silence_counts_elapsed_time_not_wall_time() -> None:
     assert live.silent() == []  # reported once
 
 
+def test_the_fleets_own_reading_lag_is_not_silence() -> None:
+    """Heartbeats still unread in the fleet's socket are not silence: the threshold is
+    extended by the reading lag, and judged at once when the fleet has caught up."""
+    mono = Mono()
+    live = Liveness(threshold_s=3, mono=mono)
+    live.seen("dev-a1", now=1_000.0)
+    mono.t += 4
+    assert live.silent(lag_s=2.0) == []  # 4 s since the last one read, but 2 s unread
+    assert live.is_online("dev-a1")
+    assert [d for d, _ in live.silent(lag_s=0.5)] == ["dev-a1"]
+
+
 def test_baseline_counts_silence_from_start_up() -> None:
     mono = Mono()
     live = Liveness(threshold_s=3, mono=mono)
