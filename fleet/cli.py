@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from .config import load_settings
 from .errors import FleetError
 
 DEV_STACK = Path("var/dev/stack.json")
-GIL_SWITCH_INTERVAL_S = 0.001
 
 
 @click.group()
@@ -47,11 +45,6 @@ def serve(config_path: Path | None, api_port: int | None) -> None:
         service = FleetService(settings)
     except FleetError as exc:
         raise click.ClickException(f"config: {exc}") from None
-
-    # The MQTT network thread wakes for every socket read; each time it must take the GIL
-    # back from the database thread, which by default keeps it up to 5 ms. 1 ms keeps
-    # ingest ahead of a busy database thread (docs/performance.md, "Offline detection").
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -108,6 +108,14 @@ class FleetOps:
             }
         return Reconciled(out, edges)
 
+    def begin_full_pass(self, now: float) -> tuple[list[Publish], list[str]]:
+        """A full pass in parts (the service's sweep): care-plan checks rolled forward, and
+        every device id, to be reconciled a part at a time (:meth:`reconcile`)."""
+        with self.session() as session:
+            out = checks.ensure_synced(session, self.check_ctx, now)
+            ids = list(session.exec(select(Device.id).order_by(col(Device.id))))
+        return out, ids
+
     @property
     def check_ctx(self) -> checks.Ctx:
         return checks.Ctx(self.metrics, self.policy.preflight_s)

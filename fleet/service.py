@@ -135,7 +135,18 @@ class FleetService:
     async def reconcile(self, device_ids: list[str] | None) -> None:
         if not self.plans.leader:
             return  # only the scheduler leader issues lock commands; its sweep covers this
-        if device_ids is None or len(device_ids) <= RECONCILE_PART:
+        if device_ids is None:
+            # Every device, in parts like an edge: device messages queued for the database
+            # thread meanwhile (a Last Will, acks) wait for one part, not for the whole
+            # fleet (a 10,000-device pass in one transaction held them for seconds).
+            publish, every = await self.db(self.ops.begin_full_pass, self.clock())
+            await self.publish(publish)
+            await self._reconcile(every)
+        else:
+            await self._reconcile(device_ids)
+
+    async def _reconcile(self, device_ids: list[str]) -> None:
+        if len(device_ids) <= RECONCILE_PART:
             result = await self.db(self.ops.reconcile, device_ids, self.clock())
             await self.publish(result.publish)
             self.scheduler.set_edges(result.next_edges)
