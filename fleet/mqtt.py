@@ -347,7 +347,8 @@ class NetworkThread:
             before = client.received
             _check(client.loop_read(), "read")
             if client.received == before and not _unread(client, sock):
-                return True
+                # (A PUBACK or PINGRESP counts no message: the kernel may hold more.)
+                return not select.select([sock], [], [], 0)[0]
         return False
 
     def _send_outbox(self, client: _Client) -> None:
