@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from fleet.mqtt import INGEST_CHANNELS, LinkConfig, NetworkThread, client_tls_context
 from tillsyn_protocol import subscription
@@ -40,6 +41,32 @@ def stock_client(port: int, ca: str, cert: str, key: str, count, up: threading.E
     return client
 
 
+def lean_client(
+    port: int,
+    ca: str,
+    cert: str,
+    key: str,
+    count: Callable[[str, bytes], None],
+    up: threading.Event,
+    client_id: str = "bare-sub",
+) -> NetworkThread:
+    """The fleet's own network thread on the fleet's subscriptions, started."""
+    net = NetworkThread(
+        LinkConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id=client_id,
+            tls=client_tls_context(ca, cert, key),
+            subscriptions=tuple(subscription(c) for c in INGEST_CHANNELS),
+            persistent=False,
+        ),
+        on_message=count,
+        on_state=lambda is_up: up.set() if is_up else None,
+    )
+    net.start()
+    return net
+
+
 def main(port: int, ca: str, cert: str, key: str, flavour: str = "lean") -> None:
     received = 0
     up = threading.Event()
@@ -52,20 +79,7 @@ def main(port: int, ca: str, cert: str, key: str, flavour: str = "lean") -> None
         client = stock_client(port, ca, cert, key, count, up)
         stop = client.loop_stop
     else:
-        net = NetworkThread(
-            LinkConfig(
-                host="127.0.0.1",
-                port=port,
-                client_id="bare-sub",
-                tls=client_tls_context(ca, cert, key),
-                subscriptions=tuple(subscription(c) for c in INGEST_CHANNELS),
-                persistent=False,
-            ),
-            on_message=count,
-            on_state=lambda is_up: up.set() if is_up else None,
-        )
-        net.start()
-        stop = net.stop
+        stop = lean_client(port, ca, cert, key, count, up).stop
     if not up.wait(30):
         raise SystemExit("bare subscriber could not connect")
     print("ready", flush=True)

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from bench._bare_subscriber import lean_client
 from bench._common import heartbeat, start_broker, tls
 from bench._sim import table
 from broker.pki import PkiPaths
 from fleet import mqtt as fleet_mqtt
-from fleet.mqtt import INGEST_CHANNELS, LinkConfig, NetworkThread, client_tls_context
-from tillsyn_protocol import subscription
 
 
 def _publish(pki: PkiPaths, port: int, rate: float, seconds: float) -> None:
@@ -78,22 +77,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
         pki, broker = start_broker(Path(tmp))
-        up = threading.Event()
-        net = NetworkThread(
-            LinkConfig(
-                host="127.0.0.1",
-                port=broker.port,
-                client_id="contention-sub",
-                tls=client_tls_context(str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key)),
-                subscriptions=tuple(subscription(c) for c in INGEST_CHANNELS),
-                persistent=False,
-            ),
-            on_message=count,
-            on_state=lambda is_up: up.set() if is_up else None,
-        )
-        stop = threading.Event()
+        up, stop = threading.Event(), threading.Event()
+        keys = (str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key))
+        net = lean_client(broker.port, *keys, count, up, client_id="contention-sub")
         try:
-            net.start()
             if not up.wait(30):
                 raise SystemExit("subscriber could not connect")
             for _ in range(args.hogs):

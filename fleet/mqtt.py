@@ -329,7 +329,7 @@ class NetworkThread:
                 self._behind_since = None  # nothing was waiting
             else:  # paused: what the broker sends waits in the socket
                 self._behind()
-                if select.select([sock], [], [], 0)[0]:
+                if _readable(sock):
                     client.bytes_waiting()
             if client.want_write():
                 _check(client.loop_write(), "write")
@@ -348,7 +348,7 @@ class NetworkThread:
             _check(client.loop_read(), "read")
             if client.received == before and not _unread(client, sock):
                 # (A PUBACK or PINGRESP counts no message: the kernel may hold more.)
-                return not select.select([sock], [], [], 0)[0]
+                return not _readable(sock)
         return False
 
     def _send_outbox(self, client: _Client) -> None:
@@ -367,6 +367,11 @@ class NetworkThread:
                 out.done(True)
             else:
                 self._pending[info.mid] = out.done
+
+
+def _readable(sock: Any) -> bool:
+    """The kernel holds data for this socket (a poll, no wait)."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _unread(client: _Client, sock: Any) -> bool:
