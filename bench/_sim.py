@@ -163,10 +163,14 @@ class SimProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.ready: dict[str, Any] | None = None
 
-    def start(self) -> SimProcess:
+    def start(self, *, nice: int = 0) -> SimProcess:
+        """``nice`` > 0 lowers the simulator's CPU priority: it stands in for devices that
+        each have their own CPU, and on a shared 2-core machine its threads would otherwise
+        take CPU time from the process under test."""
         log = (self.root / "sim.log").open("a")
+        cmd = ["nice", "-n", str(nice), *self.cmd] if nice else self.cmd
         self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
         )
         return self
 

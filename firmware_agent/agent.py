@@ -482,15 +482,18 @@ class Agent:
             )
             closer = ConnectionCloser(client)
             connected = cancelled = False
-            # The CONNACK wait gets its own, longer bound (see link.connack_timeout); every
-            # later round trip keeps the client's own timeout.
+            # The session set-up (CONNACK, then the SUBACK and the PUBACK of "online") gets
+            # its own, longer bound (see link.connack_timeout): a broker that has just
+            # restarted answers each of them late, and giving up on the SUBACK throws away a
+            # handshake it has already paid for. Later round trips keep the client's own.
             round_trip_timeout = client.timeout
-            client.timeout = connack_timeout(broker.keepalive_s)
+            setup_timeout = connack_timeout(broker.keepalive_s)
+            client.timeout = setup_timeout
             try:
                 async with client:
-                    client.timeout = round_trip_timeout
                     connected, attempt = True, 0
-                    await self._on_connect(client)
+                    await self._on_connect(client, setup_timeout)
+                    client.timeout = round_trip_timeout
                     async for message in client.messages:
                         await self._on_message(message)
                 why = "connection closed"
@@ -521,8 +524,8 @@ class Agent:
             )
             await asyncio.sleep(delay)
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
-        granted = await client.subscribe(self._topics[Channel.CMD], qos=1)
+    async def _on_connect(self, client: aiomqtt.Client, setup_timeout: float) -> None:
+        granted = await client.subscribe(self._topics[Channel.CMD], qos=1, timeout=setup_timeout)
         if not all(_granted(code) for code in granted):
             raise aiomqtt.MqttError("broker refused the subscription to cmd")
         await client.publish(
@@ -530,7 +533,7 @@ class Agent:
             self._reports.status("online"),
             qos=1,
             retain=True,
-            timeout=PUBLISH_TIMEOUT_S,
+            timeout=setup_timeout,
         )
         self._client = client
         self._state_dirty = True

@@ -44,6 +44,7 @@ CONNACK_WAIT_S = 0.5
 RECONNECT_MIN_S = 0.3
 RECONNECT_MAX_S = 1.2
 SLOW_TLS_S = 1.0
+SLOW_SETUP_S = 1.5  # more than a round trip's timeout, less than the CONNACK wait
 # MQTT 5 CONNACK: session present 0, reason 0x87 "Not authorized", no properties.
 CONNACK_NOT_AUTHORIZED = b"\x20\x03\x00\x87\x00"
 
@@ -56,7 +57,10 @@ class FakeBroker:
       and never answers CONNECT, like a broker with a backlog of CONNECTs;
     - ``refuse``: completes TLS and answers CONNECT with a refusing CONNACK;
     - ``bad_tls``: answers the TLS ClientHello with bytes that are not TLS;
-    - ``slow_tls``: starts the TLS handshake only after ``SLOW_TLS_S``, then as ``silent``.
+    - ``slow_tls``: starts the TLS handshake only after ``SLOW_TLS_S``, then as ``silent``;
+    - ``slow_setup``: completes TLS, accepts CONNECT at once, then answers the SUBSCRIBE
+      only after ``SLOW_SETUP_S`` (a broker busy with a reconnect storm); PUBACKs every
+      QoS 1 PUBLISH and answers PINGREQ, like a broker that works.
 
     It never closes a connection itself: each stays open until the agent closes it.
     """
@@ -67,6 +71,7 @@ class FakeBroker:
     max_open: int = 0
     accepted: list[float] = field(default_factory=list)  # monotonic times
     closed: list[float] = field(default_factory=list)
+    packets: list[int] = field(default_factory=list)  # slow_setup: types of those answered
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted.append(time.monotonic())
@@ -83,6 +88,8 @@ class FakeBroker:
                 if self.mode == "refuse":
                     await reader.read(1)  # the CONNECT
                     writer.write(CONNACK_NOT_AUTHORIZED)
+                if self.mode == "slow_setup":
+                    await self._serve_slowly(reader, writer)
             while await reader.read(4096):  # until the agent closes its end
                 pass
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -91,6 +98,41 @@ class FakeBroker:
             self.open_now -= 1
             self.closed.append(time.monotonic())
             writer.transport.abort()
+
+    async def _serve_slowly(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            kind, body = await read_packet(reader)
+            if kind == 0x10:  # CONNECT -> CONNACK: no session present, success
+                writer.write(b"\x20\x03\x00\x00\x00")
+            elif kind == 0x80:  # SUBSCRIBE -> SUBACK (QoS 1 granted), late
+                await asyncio.sleep(SLOW_SETUP_S)
+                writer.write(b"\x90\x04" + body[:2] + b"\x00\x01")
+            elif kind == 0x30 and body:  # PUBLISH; QoS 1 (flags 0x2) -> PUBACK
+                flags = body[-1]
+                packet = body[:-1]
+                if flags & 0x06:
+                    topic_len = int.from_bytes(packet[:2], "big")
+                    writer.write(b"\x40\x02" + packet[2 + topic_len : 4 + topic_len])
+            elif kind == 0xC0:  # PINGREQ -> PINGRESP
+                writer.write(b"\xd0\x00")
+            self.packets.append(kind)
+
+
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One MQTT packet: (type nibble << 4, body); a PUBLISH's flags are appended to it."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = await reader.readexactly(length)
+    kind = first & 0xF0
+    return kind, body + bytes([first & 0x0F]) if kind == 0x30 else body
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -241,3 +283,24 @@ async def test_connack_wait_is_longer_than_a_round_trip() -> None:
     assert link_module.connack_timeout(30) == link_module.CONNACK_TIMEOUT_S == 30
     assert link_module.connack_timeout(600) == 30
     assert link_module.connack_timeout(30) > link_module.CLIENT_TIMEOUT_S
+
+
+async def test_a_slow_suback_after_connack_does_not_throw_the_session_away(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a broker restart it CONNACKs, then answers the SUBSCRIBE late: the session
+    set-up waits as long as for the CONNACK, not a round trip's timeout. Giving up there
+    threw away handshakes the broker had already paid for (4,586 of 10,000 sessions in a
+    reconnect storm), each followed by a new attempt adding to the storm."""
+    monkeypatch.setattr(link_module, "CONNACK_TIMEOUT_S", 3 * SLOW_SETUP_S)
+    monkeypatch.setattr(link_module, "CLIENT_TIMEOUT_S", CONNACK_WAIT_S)
+    async with fake_broker("slow_setup", pki_dir) as (broker, port):
+        agent = agent_for(tmp_path, pki_dir, device_cert, port)
+        async with running(agent):
+            await wait_until(lambda: agent.connected, timeout=10, what="session set up")
+            assert len(broker.accepted) == 1  # the first connection, kept
+            assert agent.counters["disconnects"] == agent.counters["connect_failures"] == 0
+            assert 0x80 in broker.packets
