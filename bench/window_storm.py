@@ -72,10 +72,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--lead", type=float, help="s before the window opens [auto]")
+    parser.add_argument("--workdir", type=Path, help="keep logs and the database here")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="CPU priority of the simulator below the fleet's and the broker's (it stands in"
+        " for devices with CPUs of their own) [0: the same; 10 made the devices, and so the"
+        " floor, slower here, not the fleet faster]",
+    )
     args = parser.parse_args()
     n = args.devices
     with tempfile.TemporaryDirectory(prefix="bench-window-storm-") as tmp:
-        root = Path(tmp)
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         pki, broker = start_broker(root)
         fleet = sim = None
         try:
@@ -87,7 +97,8 @@ def main() -> None:
             ids = [f"dev-sim-{i:06d}" for i in range(n)]
             register_in_db(f"sqlite:///{root / 'fleet.db'}", ids, window=(start_local, WINDOW_S))
             fleet = FleetProcess(root, pki, broker.port, tz=TZ).start()
-            sim = SimProcess(root, pki, broker.port, fleet.public_key, n, "--direct").start()
+            sim = SimProcess(root, pki, broker.port, fleet.public_key, n, "--direct")
+            sim.start(nice=args.nice)
             sim.wait_ready()
             if time.time() > t0 - 5:
                 raise SystemExit(f"not ready before the window opened; try --lead {lead * 2:.0f}")
@@ -118,7 +129,10 @@ def main() -> None:
 
     ratio = percentile(acked, 99) / percentile(floor_lat, 99)
     print("window_storm: setup: 2 cores, loopback, Mosquitto 2.0.11 production config,")
-    print(f"  {n:,} simulated agents ({sim.processes if sim else 1} processes), fleet on SQLite\n")
+    print(
+        f"  {n:,} simulated agents ({sim.processes if sim else 1} processes, nice {args.nice}),"
+        " fleet on SQLite\n"
+    )
     print(
         table(
             [

@@ -19,12 +19,58 @@ log = logging.getLogger(__name__)
 
 # Kinds whose newer command makes an older pending one moot (a look is its own thing).
 _LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
+# Resends back off: the ack timeout, then twice, then four times that (and so on at 4x). A
+# QoS 1 command waits in the device's broker session; it is lost only when that session
+# or the broker's queue is, so one resend covers a loss, and more of them at a fixed pace
+# only pile duplicates onto devices already behind (a 10,000-device window storm whose
+# acks took over 10 s collapsed into 3-5 sends per command and a 4x slower storm).
+RESEND_BACKOFF_MAX_DOUBLINGS = 2
+
+
+# The ack timeout never grows past this many resend_after_s, however slow acks have been.
+ACK_TIMEOUT_MAX_FACTOR = 6.0
+
+
+def resend_delay(attempts: int, resend_after_s: float) -> float:
+    """How long after its last send a command that was sent ``attempts`` times is resent."""
+    doublings = min(max(attempts - 1, 0), RESEND_BACKOFF_MAX_DOUBLINGS)
+    return resend_after_s * float(2**doublings)
+
+
+class AckTimer:
+    """How long an ack may take before a resend makes sense, learnt from the acks.
+
+    TCP's retransmission timeout (RFC 6298): smoothed round trip + 4 x its variation,
+    sampled only from commands sent once (Karn: an ack after a resend is ambiguous).
+    ``resend_after_s`` stays the floor; in a storm, when devices ack 15 s after the send,
+    the timeout follows instead of resending thousands of commands still queued for
+    them. Per process and in memory: it restarts from the floor.
+    """
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        rtt = max(0.0, rtt)
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def timeout(self, resend_after_s: float) -> float:
+        if self.srtt is None:
+            return resend_after_s
+        learnt = self.srtt + 4 * self.rttvar
+        return min(ACK_TIMEOUT_MAX_FACTOR * resend_after_s, max(resend_after_s, learnt))
 
 
 class Ledger:
     def __init__(self, key: SigningKey, metrics: FleetMetrics) -> None:
         self._key = key
         self._metrics = metrics
+        self.ack_timer = AckTimer()
 
     def issue(
         self,
@@ -154,6 +200,12 @@ class Ledger:
             CommandStatus.EXPIRED,
         ):
             latency = now - command.created_at
+            if (
+                command.status is CommandStatus.PENDING
+                and command.attempts == 1
+                and command.last_sent_at is not None
+            ):
+                self.ack_timer.sample(now - command.last_sent_at)
             command.status = outcome
             command.reason = ack.reason.value if ack.reason else None
             command.acked_at = now
@@ -181,12 +233,15 @@ class Ledger:
     def due(self, session: Session, now: float, resend_after_s: float) -> list[Publish]:
         """Re-send pending commands not acknowledged in time; expire those past deadline."""
         out: list[Publish] = []
+        after = self.ack_timer.timeout(resend_after_s)
         stmt = select(Command).where(Command.status == CommandStatus.PENDING)
         for command in session.exec(stmt):
             if command.expires_at <= now:
                 command.status = CommandStatus.EXPIRED
                 self._metrics.commands.labels(kind=command.kind.value, outcome="expired").inc()
-            elif command.last_sent_at is None or now - command.last_sent_at >= resend_after_s:
+            elif command.last_sent_at is None or now - command.last_sent_at >= resend_delay(
+                command.attempts, after
+            ):
                 command.attempts += 1
                 command.last_sent_at = now
                 out.append(self.publish(command, now))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from fleet import audit, signing
+from fleet.commands import AckTimer, resend_delay
 from fleet.config import FleetSettings, load_settings
 from fleet.core import FleetOps
 from fleet.db import init_db, make_engine
@@ -169,6 +171,60 @@ def test_resend_until_acked_then_expire_at_deadline(ops: FleetOps) -> None:
     assert commands(ops)[0].attempts == 2
     assert ops.resend(T22 + 31, 10) == []
     assert commands(ops)[0].status is CommandStatus.EXPIRED
+
+
+def test_resends_back_off(ops: FleetOps) -> None:
+    """10 s after the first send, then 20 s, then every 40 s: a device that is behind is
+    not buried in duplicates of what waits in its broker session."""
+    add(ops, length=600)
+    ops.reconcile(None, T22)
+    sent = [0]
+    for t in range(1, 200):
+        if ops.resend(T22 + t, 10):
+            sent.append(t)
+    assert [b - a for a, b in itertools.pairwise(sent)] == [10, 20, 40, 40, 40, 40]
+    assert commands(ops)[0].attempts == len(sent)
+    assert [resend_delay(a, 10) for a in (0, 1, 2, 3, 9)] == [10, 10, 20, 40, 40]
+
+
+def test_resend_waits_for_as_long_as_acks_have_been_taking(ops: FleetOps) -> None:
+    """A storm in which devices ack 30 s after the send: the next command is not resent at
+    10 s (it is most likely still queued for its device), but after the learnt timeout,
+    capped at 6 x resend_after_s."""
+    add(ops, "dev-a1")
+    add(ops, "dev-b2")
+    ops.reconcile(None, T22)
+    arm_a = commands(ops, "dev-a1")[0]
+    ops.on_ack(
+        "dev-a1",
+        Ack(
+            ts=T22,
+            jti=arm_a.jti,
+            seq=arm_a.seq,
+            cmd=CommandKind.ARM,
+            result=AckResult.APPLIED,
+            state=LockState.ARMED,
+        ),
+        T22 + 30,
+    )
+    assert ops.resend(T22 + 31, 10) == []
+    assert ops.resend(T22 + 59, 10) == []
+    assert len(ops.resend(T22 + 60, 10)) == 1  # 30 + 4 x 15 = 90, capped at 60
+    assert commands(ops, "dev-b2")[0].attempts == 2
+
+
+def test_ack_timer_follows_acks_between_its_bounds() -> None:
+    timer = AckTimer()
+    assert timer.timeout(10) == 10  # nothing learnt: the configured floor
+    for _ in range(60):
+        timer.sample(15.0)
+    assert 15 <= timer.timeout(10) < 16
+    for _ in range(60):
+        timer.sample(0.2)
+    assert timer.timeout(10) == 10  # fast acks never bring it below the floor
+    timer.sample(1e6)
+    assert timer.timeout(10) == 60  # nor slow ones above 6 x the floor
+    assert timer.timeout(0.0) == 0.0  # "resend everything now" (after a reconnect) stays so
 
 
 def test_arm_not_confirmed_raises_one_visit(ops: FleetOps) -> None:
