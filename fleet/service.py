@@ -16,7 +16,7 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from . import accounts, auth, sessions, signing
+from . import accounts, auth, heap, sessions, signing
 from .api import create_app
 from .auth import Principal
 from .config import FleetSettings
@@ -275,6 +275,8 @@ class FleetService:
                 await asyncio.to_thread(self.certs.refresh, now, inventory=inventory)
             except Exception as exc:  # stale gauges are alerted on (TillsynGaugesStale)
                 log.warning("gauge refresh failed: %s", type(exc).__name__)
+            # After a storm the C heap keeps its high-water mark; give the free part back.
+            await asyncio.to_thread(heap.trim)
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def _resend(self) -> None:
