@@ -19,14 +19,12 @@ log = logging.getLogger(__name__)
 
 # Kinds whose newer command makes an older pending one moot (a look is its own thing).
 _LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
-# Resends back off: the ack timeout, then twice, then four times that (and so on at 4x). A
+# Resends back off: after the ack timeout, then twice and from then on four times that. A
 # QoS 1 command waits in the device's broker session; it is lost only when that session
 # or the broker's queue is, so one resend covers a loss, and more of them at a fixed pace
 # only pile duplicates onto devices already behind (a 10,000-device window storm whose
 # acks took over 10 s collapsed into 3-5 sends per command and a 4x slower storm).
 RESEND_BACKOFF_MAX_DOUBLINGS = 2
-
-
 # The ack timeout never grows past this many resend_after_s, however slow acks have been.
 ACK_TIMEOUT_MAX_FACTOR = 6.0
 
