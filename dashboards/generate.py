@@ -349,10 +349,13 @@ SCHEDULING = Dashboard(
                     "histogram_quantile(0.95, sum by (le, kind) "
                     "(rate(tillsyn_command_roundtrip_seconds_bucket[$__rate_interval])))",
                     "p95 {{kind}}",
-                )
+                ),
+                q("max(tillsyn_command_ack_timeout_seconds)", "resend after"),
             ],
             "From signing a command to the device's applied ack. Seconds are normal; "
-            "minutes mean devices reconnect slowly or the broker queues.",
+            "minutes mean devices reconnect slowly or the broker queues. 'resend after': "
+            "how long the ledger now waits for an ack before resending (learnt from the "
+            "acks; it rises above resend_after_s when devices are slow to deliver).",
             unit="s",
         ),
         series(

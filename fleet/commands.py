@@ -232,6 +232,8 @@ class Ledger:
         """Re-send pending commands not acknowledged in time; expire those past deadline."""
         out: list[Publish] = []
         after = self.ack_timer.timeout(resend_after_s)
+        if resend_after_s > 0:  # (0: "resend everything now", after a reconnect)
+            self._metrics.command_ack_timeout.set(after)
         stmt = select(Command).where(Command.status == CommandStatus.PENDING)
         for command in session.exec(stmt):
             if command.expires_at <= now:

@@ -210,6 +210,13 @@ class FleetMetrics:
             (),
             "liveness",
         )
+        self.command_ack_timeout = self._gauge(
+            "tillsyn_command_ack_timeout_seconds",
+            "How long the ledger waits for an ack before resending a command (learnt from"
+            " acks, at least resend_after_s)",
+            (),
+            "event",
+        )
         self.scheduler_heartbeat = self._gauge(
             "tillsyn_scheduler_heartbeat_timestamp_seconds",
             "Last time the scheduler's liveness job ran (scheduler liveness)",

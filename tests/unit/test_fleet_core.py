@@ -209,6 +209,8 @@ def test_resend_waits_for_as_long_as_acks_have_been_taking(ops: FleetOps) -> Non
     )
     assert ops.resend(T22 + 31, 10) == []
     assert ops.resend(T22 + 59, 10) == []
+    timeout = ops.metrics.registry.get_sample_value("tillsyn_command_ack_timeout_seconds")
+    assert timeout == 60  # exported for IT support
     assert len(ops.resend(T22 + 60, 10)) == 1  # 30 + 4 x 15 = 90, capped at 60
     assert commands(ops, "dev-b2")[0].attempts == 2
 
