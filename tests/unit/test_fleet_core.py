@@ -81,6 +81,18 @@ def report(ops: FleetOps, state: LockState, until: float | None, now: float, seq
     )
 
 
+def applied(arm: Command) -> Ack:
+    """The device's ack of ``arm``: applied, now ARMED."""
+    return Ack(
+        ts=T22,
+        jti=arm.jti,
+        seq=arm.seq,
+        cmd=CommandKind.ARM,
+        result=AckResult.APPLIED,
+        state=LockState.ARMED,
+    )
+
+
 def test_arm_issued_once_at_window_start_and_signed_for_the_device(ops: FleetOps) -> None:
     add(ops)
     assert ops.reconcile(None, T22 - 1).publish == []
@@ -135,31 +147,9 @@ def test_ack_settles_command_and_foreign_ack_changes_nothing(ops: FleetOps) -> N
     ops.reconcile(None, T22)
     arm_a = commands(ops, "dev-a1")[0]
     # dev-b2 claims dev-a1's command: ignored.
-    ops.on_ack(
-        "dev-b2",
-        Ack(
-            ts=T22,
-            jti=arm_a.jti,
-            seq=arm_a.seq,
-            cmd=CommandKind.ARM,
-            result=AckResult.APPLIED,
-            state=LockState.ARMED,
-        ),
-        T22 + 1,
-    )
+    ops.on_ack("dev-b2", applied(arm_a), T22 + 1)
     assert commands(ops, "dev-a1")[0].status is CommandStatus.PENDING
-    ops.on_ack(
-        "dev-a1",
-        Ack(
-            ts=T22,
-            jti=arm_a.jti,
-            seq=arm_a.seq,
-            cmd=CommandKind.ARM,
-            result=AckResult.APPLIED,
-            state=LockState.ARMED,
-        ),
-        T22 + 1,
-    )
+    ops.on_ack("dev-a1", applied(arm_a), T22 + 1)
     assert commands(ops, "dev-a1")[0].status is CommandStatus.APPLIED
 
 
@@ -195,18 +185,7 @@ def test_resend_waits_for_as_long_as_acks_have_been_taking(ops: FleetOps) -> Non
     add(ops, "dev-b2")
     ops.reconcile(None, T22)
     arm_a = commands(ops, "dev-a1")[0]
-    ops.on_ack(
-        "dev-a1",
-        Ack(
-            ts=T22,
-            jti=arm_a.jti,
-            seq=arm_a.seq,
-            cmd=CommandKind.ARM,
-            result=AckResult.APPLIED,
-            state=LockState.ARMED,
-        ),
-        T22 + 30,
-    )
+    ops.on_ack("dev-a1", applied(arm_a), T22 + 30)
     assert ops.resend(T22 + 31, 10) == []
     assert ops.resend(T22 + 59, 10) == []
     timeout = ops.metrics.registry.get_sample_value("tillsyn_command_ack_timeout_seconds")
