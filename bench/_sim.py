@@ -28,6 +28,11 @@ def sim_processes(devices: int) -> int:
     return max(2, math.ceil(devices / DEVICES_PER_PROCESS))
 
 
+def niced(cmd: list[str], nice: int) -> list[str]:
+    """``cmd`` run at CPU priority ``nice`` (unchanged for 0)."""
+    return ["nice", "-n", str(nice), *cmd] if nice else cmd
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -168,7 +173,7 @@ class SimProcess:
         each have their own CPU, and on a shared 2-core machine its threads would otherwise
         take CPU time from the process under test."""
         log = (self.root / "sim.log").open("a")
-        cmd = ["nice", "-n", str(nice), *self.cmd] if nice else self.cmd
+        cmd = niced(self.cmd, nice)
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
         )

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench._common import cpu_seconds, start_broker
-from bench._sim import SimProcess, table
+from bench._sim import SimProcess, niced, table
 from tillsyn_protocol import SigningKey
 
 _CONNACKED = re.compile(rb"New client connected from \S+ as (dev-sim-\d+) ")
@@ -39,9 +39,8 @@ def handshake_rate(pki_dir: Path, ca: Path, port: int, processes: int, nice: int
     # Enough connections in flight to keep the broker busy while each thread waits for
     # its handshake's round trips.
     args = [str(port), str(ca), str(certs), "10", str(max(2, processes)), "32"]
-    niced = ["nice", "-n", str(nice)] if nice else []
     out = subprocess.run(
-        [*niced, sys.executable, "-m", "bench._bare_connector", *args],
+        niced([sys.executable, "-m", "bench._bare_connector", *args], nice),
         capture_output=True,
         text=True,
         check=True,
