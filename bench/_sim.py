@@ -209,6 +209,10 @@ class SimProcess:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         return [self.proc.pid, *(int(p) for p in children.read_text().split())]
 
+    def cpu(self) -> float:
+        """CPU seconds of all its processes."""
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:

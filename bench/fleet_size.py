@@ -87,13 +87,13 @@ def main() -> None:
             time.sleep(2 * args.heartbeat)  # steady state: every device heartbeating
             hb0, cpu0, wall0 = heartbeats_counted(fleet), fleet.cpu(), time.monotonic()
             broker_cpu0 = cpu_seconds(broker.pid or 0)
-            sim_cpu0 = sum(cpu_seconds(p) for p in sim.pids())
+            sim_cpu0 = sim.cpu()
             time.sleep(args.window)
             wall = time.monotonic() - wall0
             cpu = fleet.cpu() - cpu0
             hb_rate = (heartbeats_counted(fleet) - hb0) / wall
             broker_share = (cpu_seconds(broker.pid or 0) - broker_cpu0) / wall
-            sim_share = (sum(cpu_seconds(p) for p in sim.pids()) - sim_cpu0) / wall
+            sim_share = (sim.cpu() - sim_cpu0) / wall
             rss = fleet.rss_kib()
             broker_rss = rss_kib(broker.pid or 0)
             status = sim.command("status")

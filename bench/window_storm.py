@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +41,23 @@ def acked_arms(db: Path) -> list[tuple[str, float]]:
             "SELECT device_id, acked_at FROM command"
             " WHERE lower(kind) = 'arm' AND acked_at IS NOT NULL"
         ).fetchall()
+
+
+def issued_arms(db: Path) -> tuple[list[float], int]:
+    """When each arm was issued (first sent), and how many sends there were in all."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        rows = con.execute(
+            "SELECT created_at, attempts FROM command WHERE lower(kind) = 'arm'"
+        ).fetchall()
+    return [r[0] for r in rows], sum(r[1] for r in rows)
+
+
+def profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy attached to the fleet for the storm (raw format for .txt, else a flame graph)."""
+    local = Path(sys.executable).with_name("py-spy")
+    cmd = [str(local) if local.exists() else "py-spy", "record", "-p", str(pid), "-o", out]
+    cmd += ["-f", "raw" if out.endswith(".txt") else "flamegraph", "-r", "100", "--threads"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def floor(
@@ -81,6 +99,7 @@ def main() -> None:
         " for devices with CPUs of their own) [0: the same; 10 made the devices, and so the"
         " floor, slower here, not the fleet faster]",
     )
+    parser.add_argument("--profile", help="py-spy profile of the fleet during the storm here")
     args = parser.parse_args()
     n = args.devices
     with tempfile.TemporaryDirectory(prefix="bench-window-storm-") as tmp:
@@ -104,13 +123,22 @@ def main() -> None:
                 raise SystemExit(f"not ready before the window opened; try --lead {lead * 2:.0f}")
             print(f"window opens at {start_local} ({t0 - time.time():.0f} s)", file=sys.stderr)
             deadline = t0 + 600
+            # CPU from just before the edge: what the storm itself costs, apart from start-up.
+            time.sleep(max(0.0, t0 - 1 - time.time()))
+            cpu0 = fleet.cpu(), sim.cpu()
+            spy = profiler(fleet.pid, args.profile) if args.profile else None
             rows: list[tuple[str, float]] = []
             while time.time() < deadline:
-                time.sleep(2)
+                time.sleep(0.5)
                 rows = acked_arms(fleet.db) if time.time() > t0 else []
                 if len(rows) >= n:
                     break
-            fleet_cpu = fleet.cpu()
+            storm_cpu = fleet.cpu() - cpu0[0], sim.cpu() - cpu0[1]
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                spy.wait(60)
+            time.sleep(5)  # the state reports' reconciles and the last acks' batches
+            fleet_cpu, issued = fleet.cpu(), issued_arms(fleet.db)
             fleet.stop()
             floor_lat = floor(root, pki, broker.port, fleet, ids, t0 + WINDOW_S)
         finally:
@@ -128,6 +156,8 @@ def main() -> None:
         )
 
     ratio = percentile(acked, 99) / percentile(floor_lat, 99)
+    created = sorted(c - t0 for c in issued[0])
+    issue_span = f"{created[0]:.2f} / {created[-1]:.2f} s" if created else "none"
     print("window_storm: setup: 2 cores, loopback, Mosquitto 2.0.11 production config,")
     print(
         f"  {n:,} simulated agents ({sim.processes if sim else 1} processes, nice {args.nice}),"
@@ -140,7 +170,10 @@ def main() -> None:
                 ("floor: sign + publish + ack", stats(floor_lat)),
                 ("fleet p99 / floor p99", f"{ratio:.2f}x (target <= 1.5x)"),
                 ("acked arms", f"{len(acked):,} of {n:,}"),
-                ("fleet CPU (start-up and storm)", f"{fleet_cpu:.1f} s"),
+                ("arms issued: first / last after start", issue_span),
+                ("arm sends in all (resends included)", f"{issued[1]:,}"),
+                ("CPU until the last ack: fleet / sim", "{:.1f} / {:.1f} s".format(*storm_cpu)),
+                ("fleet CPU (start-up, storm, after)", f"{fleet_cpu:.1f} s"),
             ]
         )
     )

@@ -43,6 +43,9 @@ class Inbound:
 @dataclass(slots=True)
 class Applied:
     touched: list[str] = field(default_factory=list)  # devices to reconcile
+    # Devices whose reported state changed; in ``touched`` too unless the change is the
+    # applied effect of the fleet's latest command (``fleet.commands.unconfirmed``).
+    moved: list[str] = field(default_factory=list)
     publish: list[Publish] = field(default_factory=list)
     rejected: list[tuple[Inbound, str, str]] = field(default_factory=list)  # item, why, detail
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlmodel import Session, select
 
-from tillsyn_protocol import Ack, AckResult, Channel, CommandKind, SigningKey, device_topic, sign
+from tillsyn_protocol import (
+    Ack,
+    AckResult,
+    Channel,
+    CommandKind,
+    LockState,
+    SigningKey,
+    device_topic,
+    sign,
+)
 from tillsyn_protocol import tokens as tk
 
 from . import audit_batch
@@ -27,6 +36,42 @@ _LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
 RESEND_BACKOFF_MAX_DOUBLINGS = 2
 # The ack timeout never grows past this many resend_after_s, however slow acks have been.
 ACK_TIMEOUT_MAX_FACTOR = 6.0
+
+
+def unconfirmed(
+    devices: Mapping[str, Device], acked: Mapping[str, Command], moved: Iterable[str]
+) -> list[str]:
+    """The devices of ``moved`` (reported state changed) that reconciliation must look at.
+
+    Left out: a device whose state is now exactly what the fleet's latest command to it
+    asked for (no newer one issued), that command acknowledged as applied in the same
+    batch (``acked``, by jti). The fleet decided that state when it issued the command and
+    any later change of plan issues a newer one, so the reconcile would change nothing. At a
+    window start this is every armed device: a second reconcile of the whole edge, about
+    a third of its database time, spent while other devices still wait for their arms.
+    Anything else (a reboot, a re-lock of the device's own, an ack in another batch) is
+    reconciled as before."""
+    latest: dict[str, Command] = {}
+    for command in acked.values():
+        if command.status is CommandStatus.APPLIED and command.kind in _LOCK_KINDS:
+            seen = latest.get(command.device_id)
+            if seen is None or command.seq > seen.seq:
+                latest[command.device_id] = command
+    out = []
+    for device_id in dict.fromkeys(moved):
+        device, last = devices.get(device_id), latest.get(device_id)
+        if device is None or last is None or not _effect_of(device, last):
+            out.append(device_id)
+    return out
+
+
+def _effect_of(device: Device, command: Command) -> bool:
+    if command.seq != device.next_seq - 1:
+        return False  # a newer command is on its way
+    if command.kind is CommandKind.ARM:
+        armed = device.reported_state is LockState.ARMED
+        return armed and device.armed_until == command.until
+    return command.kind is CommandKind.DISARM and device.reported_state is LockState.LOCKED
 
 
 def resend_delay(attempts: int, resend_after_s: float) -> float:

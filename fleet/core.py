@@ -32,7 +32,7 @@ from tillsyn_protocol import (
 
 from . import audit, audit_batch, batch, checks, gauges, snapshot, video_phone, visits
 from .batch import Applied, Inbound
-from .commands import Ledger
+from .commands import Ledger, unconfirmed
 from .errors import Conflict, NotFound
 from .liveness import Seen
 from .metrics import UNLABELLED_REFUSAL, FleetMetrics
@@ -232,9 +232,11 @@ class FleetOps:
                     log.warning("device message batch: %s; one by one", type(exc).__name__)
                     self._apply_each(session, known, commands, result)
                 else:
-                    for touched, pubs in done:
+                    for touched, pubs, moved in done:
                         result.touched += touched
                         result.publish += pubs
+                        result.moved += moved
+            result.touched += unconfirmed(devices, commands, result.moved)
         return result
 
     def _apply_each(
@@ -244,7 +246,7 @@ class FleetOps:
             mark = audit_batch.mark(session)
             try:
                 with session.begin_nested():
-                    touched, pubs = self._apply_one(session, item, commands)
+                    touched, pubs, moved = self._apply_one(session, item, commands)
             except Exception as exc:  # isolated: this message is rejected alone
                 audit_batch.drop_after(session, mark)
                 if isinstance(exc, NotFound):
@@ -254,12 +256,16 @@ class FleetOps:
                 continue
             out.touched += touched
             out.publish += pubs
+            out.moved += moved
 
     def _apply_one(
         self, session: Session, item: Inbound, commands: dict[str, Command]
-    ) -> tuple[list[str], list[Publish]]:
+    ) -> tuple[list[str], list[Publish], list[str]]:
+        """What to reconcile, what to publish, and the devices whose reported state moved
+        (reconciled unless the move is the applied effect of the fleet's latest command)."""
         device_id, msg, now = item.device_id, item.message, item.now
         touched: list[str] = []
+        moved: list[str] = []
         if item.contact:
             touched += self._back_online(session, self._device(session, device_id), now)
         pubs: list[Publish] = []
@@ -268,7 +274,7 @@ class FleetOps:
         elif isinstance(msg, Status):
             touched += self._status(session, self._device(session, device_id), msg, now)
         elif isinstance(msg, StateReport):
-            touched += self._state(session, device_id, msg, now)
+            moved += self._state(session, device_id, msg, now)
         elif isinstance(msg, Ack):
             touched += self._ack(session, device_id, msg, now, commands)
         else:
@@ -276,7 +282,7 @@ class FleetOps:
             if msg.kind is EventKind.CALL_NOT_ANSWERED and msg.look_id:
                 pubs += self._call_not_answered(session, device_id, msg.look_id, now)
                 touched.append(device_id)
-        return touched, pubs
+        return touched, pubs, moved
 
     def on_state(self, device_id: str, report: StateReport, now: float) -> list[str]:
         with self.session() as session:

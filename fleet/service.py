@@ -20,7 +20,7 @@ from . import accounts, auth, heap, sessions, signing
 from .api import create_app
 from .auth import Principal
 from .config import FleetSettings
-from .core import FleetOps
+from .core import FleetOps, Reconciled
 from .db import init_db, make_engine
 from .gauges import CertificateWatch, inventory_certificates
 from .incident import Detector, PlatformIncidents
@@ -116,6 +116,9 @@ class FleetService:
         self.pairing: Pairing | None = Pairing(self) if settings.pairing.enabled else None
         self._api: uvicorn.Server | None = None
         self._stopping = asyncio.Event()
+        self._edges_running = 0  # edge reconciles in progress; a full pass waits for none
+        self._no_edge = asyncio.Event()
+        self._no_edge.set()
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -132,36 +135,73 @@ class FleetService:
         if items:
             await self.link.publish(items)
 
-    async def reconcile(self, device_ids: list[str] | None) -> None:
+    async def reconcile(self, device_ids: list[str] | None, *, edge: bool = False) -> None:
+        """Reconcile these devices (``None``: all, the sweep's full pass); ``edge``: their
+        scheduled instant (a window start), whose commands go before anything else."""
         if not self.plans.leader:
             return  # only the scheduler leader issues lock commands; its sweep covers this
         if device_ids is None:
             # Every device, in parts like an edge: device messages queued for the database
             # thread meanwhile (a Last Will, acks) wait for one part, not for the whole
             # fleet (a 10,000-device pass in one transaction held them for seconds).
-            publish, every = await self.db(self.ops.begin_full_pass, self.clock())
+            publish, every = await self.db(self._at_now, self.ops.begin_full_pass)
             await self.publish(publish)
-            await self._reconcile(every)
+            await self._reconcile(every, full_pass=True)
         else:
-            await self._reconcile(device_ids)
+            await self._reconcile(device_ids, edge=edge)
 
-    async def _reconcile(self, device_ids: list[str]) -> None:
+    def _at_now(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args, now)`` with ``now`` read when the database thread gets to it: a job
+        queued behind a storm's parts and acks decides on the time it runs, not the time it
+        was queued (a sweep part queued just before 22:00 and run after it would otherwise
+        see no window open, send no arm and plan its devices for 22:00 again)."""
+        return fn(*args, self.clock())
+
+    async def _reconcile(
+        self, device_ids: list[str], *, edge: bool = False, full_pass: bool = False
+    ) -> None:
         if len(device_ids) <= RECONCILE_PART:
-            result = await self.db(self.ops.reconcile, device_ids, self.clock())
+            if full_pass:
+                await self._no_edge.wait()
+            result = await self.db(self._at_now, self.ops.reconcile, device_ids)
             await self.publish(result.publish)
             self.scheduler.set_edges(result.next_edges)
             return
-        # Many devices at one edge (10,000 windows opening at 22:00): a transaction per
-        # part, and the next part computed while this one's commands are published, so
-        # the first arms leave after one part's work, not after the whole fleet's.
+        # Many devices at once (10,000 windows opening at 22:00): a transaction per part,
+        # each part's commands published as soon as it is done, so the first arms leave
+        # after one part's work, not after the whole fleet's.
         parts = [
             device_ids[i : i + RECONCILE_PART] for i in range(0, len(device_ids), RECONCILE_PART)
         ]
-        pending = asyncio.ensure_future(self.db(self.ops.reconcile, parts[0], self.clock()))
+        if edge:
+            # An edge: every part queued on the database thread now, ahead of the acks and
+            # state reports its first arms bring back (applied after the last part; their
+            # times are taken on arrival). One part at a time let each part wait for the
+            # previous part's acks: the last arms of a 10,000-device start left seconds later.
+            queued = [
+                asyncio.ensure_future(self.db(self._at_now, self.ops.reconcile, ids))
+                for ids in parts
+            ]
+            for future in queued:
+                result = await future
+                await self.publish(result.publish)
+                self.scheduler.set_edges(result.next_edges)
+            return
+
+        # Otherwise one part at a time, the next computed while this one's commands are
+        # published, so device messages queued meanwhile (a Last Will) wait for one part,
+        # not for all. A full pass (the sweep, a safety net) also waits while an edge is
+        # reconciled, whose arms matter more than its re-check.
+        async def part(ids: list[str]) -> Reconciled:
+            if full_pass:
+                await self._no_edge.wait()
+            return await self.db(self._at_now, self.ops.reconcile, ids)
+
+        pending = asyncio.ensure_future(part(parts[0]))
         for nxt in [*parts[1:], None]:
             result = await pending
             if nxt is not None:
-                pending = asyncio.ensure_future(self.db(self.ops.reconcile, nxt, self.clock()))
+                pending = asyncio.ensure_future(part(nxt))
             await self.publish(result.publish)
             self.scheduler.set_edges(result.next_edges)
 
@@ -235,14 +275,20 @@ class FleetService:
 
     async def _on_edge(self, device_ids: list[str]) -> None:
         # Every device whose edge falls on this instant, in one reconcile (fleet/scheduler.py).
-        await self.reconcile(device_ids)
+        self._edges_running += 1
+        self._no_edge.clear()
+        try:
+            await self.reconcile(device_ids, edge=True)
+        finally:
+            self._edges_running -= 1
+            if not self._edges_running:
+                self._no_edge.set()
 
     def _on_missed(self, job_id: str, device_ids: list[str] | None) -> None:
         """A job that did not run at its time: reconcile now what it would have (an edge's
         devices; ``None``: everything)."""
-        asyncio.get_running_loop().create_task(
-            self.reconcile(device_ids), name=f"repair-{job_id}"[:60]
-        )
+        repair = self.reconcile(None) if device_ids is None else self._on_edge(device_ids)
+        asyncio.get_running_loop().create_task(repair, name=f"repair-{job_id}"[:60])
 
     async def _sweep(self) -> None:
         await self.reconcile(None)

@@ -80,6 +80,52 @@ async def test_an_edge_is_never_early_and_a_missed_one_is_repaired_with_its_devi
         sched.shutdown()
 
 
+async def test_devices_planned_for_an_instant_whose_edge_is_running_join_it() -> None:
+    """A reconcile that decided just before an instant (a sweep's part) plans its devices
+    for that instant while the instant's edge job is already running: they are reconciled
+    by that job once its first call returns, and no job counts as missed."""
+    calls: list[list[str]] = []
+    missed: list[tuple[str, list[str] | None]] = []
+    release = asyncio.Event()
+    metrics = FleetMetrics(CollectorRegistry())
+
+    async def on_edge(devices: list[str]) -> None:
+        calls.append(devices)
+        await release.wait()
+
+    sched = FleetScheduler(
+        metrics,
+        on_edge=on_edge,
+        periodic={},
+        on_missed=lambda job, devices: missed.append((job, devices)),
+    )
+    sched.start()
+    try:
+        at = time.time() + 0.2
+        sched.set_edges({"dev-j1": at, "dev-j2": at})
+        while not calls:
+            await asyncio.sleep(0.02)
+        sched.set_edges({"dev-j3": at, "dev-j1": at})  # late-comers for the same instant
+        assert sched.job_count == 0  # no second job: the running one takes them
+        release.set()
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert calls == [["dev-j1", "dev-j2"], ["dev-j1", "dev-j3"]]
+        assert missed == []
+        assert metrics.jobs_missed.labels(job_type="edge")._value.get() == 0
+        # Once it is done, the instant is an ordinary (past-due) instant again.
+        sched.set_edges({"dev-j4": at})
+        for _ in range(100):
+            if len(calls) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert calls[-1] == ["dev-j4"]
+    finally:
+        sched.shutdown()
+
+
 def _state(n: int) -> StateReport:
     return StateReport(ts=n, state=LockState.LOCKED, since=n, last_seq=n)
 

@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet import audit
 from fleet.batch import Inbound
 from fleet.core import FleetOps
-from fleet.models import AuditEvent, Command, CommandStatus, Device
+from fleet.models import AuditEvent, Command, CommandStatus, Device, Window
 from tests.unit.fleet_sim import STEPS, T0, build, new_ops, outcome, react
 from tillsyn_protocol import Ack, AckResult, CommandKind, Event, EventKind, LockState, StateReport
 
@@ -155,3 +155,88 @@ def test_a_batch_keeps_each_devices_order(tmp_path: Path) -> None:
     # Reconcile what changed, once per device.
     assert sorted(set(result.touched)) == ["dev-aa", "dev-bb"]
     assert ops.run(audit.verify).ok
+
+
+def _latest(ops: FleetOps, device_id: str) -> Command:
+    stmt = select(Command).where(Command.device_id == device_id).order_by(col(Command.seq).desc())
+    return ops.run(lambda s: s.exec(stmt.limit(1)).one())
+
+
+def _disarm(ops: FleetOps, device_id: str, now: float) -> Command:
+    with ops.session() as s:
+        device = s.get(Device, device_id)
+        assert device is not None
+        ops.ledger.issue(s, device, CommandKind.DISARM, now=now)
+    return _latest(ops, device_id)
+
+
+def test_a_state_that_is_the_applied_effect_of_the_latest_command_is_not_reconciled(
+    tmp_path: Path,
+) -> None:
+    """At a window start every device reports ARMED and acks its arm in the same batch:
+    that state is what the fleet decided, so the devices are not reconciled a second time.
+    Every other state change still is."""
+    ops = _ops(tmp_path)
+    for d in ("dev-aa", "dev-bb", "dev-cc"):  # 12:00-12:10 every day; T0 is 12:00
+        ops.add_window(Window(device_id=d, start_local="12:00:00", duration_s=600), T0 - 60, "it")
+    now = T0 + 1  # the window start's edge: an arm each
+    assert len(ops.reconcile(["dev-aa", "dev-bb", "dev-cc"], now).publish) == 3
+    a, b, c = (_latest(ops, d) for d in ("dev-aa", "dev-bb", "dev-cc"))
+    later = now + 1
+    result = ops.apply_inbound(
+        [
+            # dev-aa: the arm's effect, state first, then the ack (the agent's order).
+            Inbound("dev-aa", _state(LockState.ARMED, later, a.until, a.seq), later),
+            Inbound("dev-aa", _ack(a, later), later),
+            # dev-bb: armed, but not until the end the fleet asked for.
+            Inbound("dev-bb", _state(LockState.ARMED, later, (b.until or 0) + 60, b.seq), later),
+            Inbound("dev-bb", _ack(b, later), later),
+            # dev-cc: reports ARMED; its ack is not in this batch.
+            Inbound("dev-cc", _state(LockState.ARMED, later, c.until, c.seq), later),
+        ]
+    )
+    assert result.rejected == []
+    assert sorted(set(result.moved)) == ["dev-aa", "dev-bb", "dev-cc"]
+    assert sorted(set(result.touched)) == ["dev-bb", "dev-cc"]
+    # The one left out needs nothing: reconciling it anyway changes nothing.
+    assert ops.reconcile(["dev-aa"], later + 1).publish == []
+
+
+def test_a_state_is_reconciled_when_a_newer_command_is_on_its_way(tmp_path: Path) -> None:
+    ops = _ops(tmp_path)
+    now = T0
+    arm = _arm(ops, "dev-aa", now)
+    _disarm(ops, "dev-aa", now + 1)  # the window was cancelled meanwhile
+    result = ops.apply_inbound(
+        [
+            Inbound("dev-aa", _state(LockState.ARMED, now + 2, arm.until, arm.seq), now + 2),
+            Inbound("dev-aa", _ack(arm, now + 2), now + 2),
+        ]
+    )
+    assert result.touched == ["dev-aa"]
+
+
+def test_a_disarm_applied_and_reported_locked_is_not_reconciled(tmp_path: Path) -> None:
+    ops = _ops(tmp_path)
+    now = T0
+    arm = _arm(ops, "dev-aa", now)
+    ops.apply_inbound(
+        [
+            Inbound("dev-aa", _state(LockState.ARMED, now + 1, arm.until, arm.seq), now + 1),
+            Inbound("dev-aa", _ack(arm, now + 1), now + 1),
+        ]
+    )
+    disarm = _disarm(ops, "dev-aa", now + 2)
+    done = Ack(jti=disarm.jti, ts=now + 3, result=AckResult.APPLIED, state=LockState.LOCKED)
+    result = ops.apply_inbound(
+        [
+            Inbound("dev-aa", _state(LockState.LOCKED, now + 3, None, disarm.seq), now + 3),
+            Inbound("dev-aa", done, now + 3),
+        ]
+    )
+    assert result.moved == ["dev-aa"] and result.touched == []
+    # A device that re-locks on its own (no command of the fleet's) is reconciled.
+    rebooted = ops.apply_inbound(
+        [Inbound("dev-aa", _state(LockState.ARMED, now + 4, arm.until, disarm.seq), now + 4)]
+    )
+    assert rebooted.touched == ["dev-aa"]
