@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
-from sqlmodel import Session, select
+from sqlalchemy import or_
+from sqlmodel import Session, col, select
 
 from tillsyn_protocol import (
     Ack,
@@ -279,7 +280,17 @@ class Ledger:
         after = self.ack_timer.timeout(resend_after_s)
         if resend_after_s > 0:  # (0: "resend everything now", after a reconnect)
             self._metrics.command_ack_timeout.set(after)
-        stmt = select(Command).where(Command.status == CommandStatus.PENDING)
+        # Only commands that may be due are loaded: at a window start 10,000 arms are
+        # pending at once, and loading all of them every resend interval cost the
+        # database thread seconds in the middle of the storm (the back-off is checked below).
+        stmt = select(Command).where(
+            Command.status == CommandStatus.PENDING,
+            or_(
+                col(Command.expires_at) <= now,
+                col(Command.last_sent_at).is_(None),
+                col(Command.last_sent_at) <= now - after,
+            ),
+        )
         for command in session.exec(stmt):
             if command.expires_at <= now:
                 command.status = CommandStatus.EXPIRED
