@@ -148,7 +148,9 @@ class FleetScheduler:
             self._edge_devices.setdefault(instant, set()).add(device_id)
             touched.add(instant)
         now = self._clock()
-        for instant in touched - self._firing:  # (a running edge job takes late-comers)
+        # Late-comers for an instant that is due and whose job is running join that job.
+        joined = {i for i in touched & self._firing if i <= now * 1000}
+        for instant in touched - joined:
             # The service's instant as a delay on the scheduler's own clock (re-done for
             # every instant touched, so a re-plan after a clock step moves the job).
             job_id = _edge_job_id(instant)
@@ -168,8 +170,13 @@ class FleetScheduler:
         missed (an alert, at every big window start)."""
         self._firing.add(instant)
         try:
-            while devices := self._take_edge(instant):
+            devices = self._take_edge(instant)
+            while devices:
                 await self._on_edge(devices)
+                # Only once the instant is due on the service's clock: a reconcile that ran
+                # before it (a clock behind the scheduler's) re-plans its devices for it.
+                due = instant <= self._clock() * 1000
+                devices = self._take_edge(instant) if due else []
         finally:
             self._firing.discard(instant)
 

@@ -126,6 +126,39 @@ async def test_devices_planned_for_an_instant_whose_edge_is_running_join_it() ->
         sched.shutdown()
 
 
+async def test_late_comers_for_an_instant_not_yet_due_on_the_service_clock_wait_for_it() -> None:
+    """The service's clock behind the scheduler's (a test's simulated clock): a reconcile
+    that ran before the instant plans its devices for it again. They get a job of their
+    own instead of being taken at once by the running one, which would spin."""
+    calls: list[list[str]] = []
+    release = asyncio.Event()
+    service_now = time.time()  # frozen: the instant never becomes due on this clock
+
+    async def on_edge(devices: list[str]) -> None:
+        calls.append(devices)
+        await release.wait()
+
+    sched = FleetScheduler(
+        FleetMetrics(CollectorRegistry()),
+        on_edge=on_edge,
+        periodic={},
+        clock=lambda: service_now,
+    )
+    sched.start()
+    try:
+        at = service_now + 0.2
+        sched.set_edges({"dev-k1": at})
+        while not calls:
+            await asyncio.sleep(0.02)
+        sched.set_edges({"dev-k1": at})  # re-planned by a reconcile that ran too early
+        assert sched.job_count == 1  # its own job, not taken by the running one
+        release.set()
+        await asyncio.sleep(0.6)
+        assert 2 <= len(calls) <= 3 and all(c == ["dev-k1"] for c in calls)
+    finally:
+        sched.shutdown()
+
+
 def _state(n: int) -> StateReport:
     return StateReport(ts=n, state=LockState.LOCKED, since=n, last_seq=n)
 
