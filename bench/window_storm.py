@@ -53,10 +53,18 @@ def issued_arms(db: Path) -> tuple[list[float], int]:
 
 
 def profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
-    """py-spy attached to the fleet for the storm (raw format for .txt, else a flame graph)."""
+    """py-spy attached to the fleet for the storm (raw format for .txt, else a flame graph):
+    the thread holding the GIL only, i.e. where its Python CPU goes."""
     local = Path(sys.executable).with_name("py-spy")
     cmd = [str(local) if local.exists() else "py-spy", "record", "-p", str(pid), "-o", out]
-    cmd += ["-f", "raw" if out.endswith(".txt") else "flamegraph", "-r", "100", "--threads"]
+    cmd += [
+        "-f",
+        "raw" if out.endswith(".txt") else "flamegraph",
+        "-r",
+        "100",
+        "--threads",
+        "--gil",
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

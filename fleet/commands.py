@@ -22,7 +22,7 @@ from tillsyn_protocol import tokens as tk
 
 from . import audit_batch
 from .metrics import FleetMetrics
-from .models import Command, CommandStatus, Device
+from .models import Command, CommandStatus, Connectivity, Device
 from .outbound import Publish
 
 log = logging.getLogger(__name__)
@@ -275,34 +275,62 @@ class Ledger:
         return command
 
     def due(self, session: Session, now: float, resend_after_s: float) -> list[Publish]:
-        """Re-send pending commands not acknowledged in time; expire those past deadline."""
+        """Re-send pending commands not acknowledged in time; expire those past deadline.
+
+        An arm for a device that is online waits ``ACK_TIMEOUT_MAX_FACTOR`` times
+        ``resend_after_s`` (the longest ack timeout ever learnt): the broker acknowledged it
+        into the device's session, which delivers it (QoS 1), and a device that reconnects
+        has its pending commands resent at once (:meth:`resend_device`). At a window start
+        whose acks took 30-70 s, resends at 10 s doubled the devices' work (each copy
+        verified and refused) and with it the storm. Disarms and looks keep the short
+        timeout: rare, and a late one is a privacy or a staff matter."""
         out: list[Publish] = []
         after = self.ack_timer.timeout(resend_after_s)
+        held = ACK_TIMEOUT_MAX_FACTOR * resend_after_s
         if resend_after_s > 0:  # (0: "resend everything now", after a reconnect)
             self._metrics.command_ack_timeout.set(after)
         # Only commands that may be due are loaded: at a window start 10,000 arms are
         # pending at once, and loading all of them every resend interval cost the
         # database thread seconds in the middle of the storm (the back-off is checked below).
-        stmt = select(Command).where(
-            Command.status == CommandStatus.PENDING,
-            or_(
-                col(Command.expires_at) <= now,
-                col(Command.last_sent_at).is_(None),
-                col(Command.last_sent_at) <= now - after,
-            ),
+        stmt = (
+            select(Command, Device.connectivity)
+            .join(Device, col(Device.id) == col(Command.device_id))
+            .where(
+                Command.status == CommandStatus.PENDING,
+                or_(
+                    col(Command.expires_at) <= now,
+                    col(Command.last_sent_at).is_(None),
+                    col(Command.last_sent_at) <= now - after,
+                ),
+            )
         )
-        for command in session.exec(stmt):
+        for command, connectivity in session.exec(stmt):
+            delay = resend_delay(command.attempts, after)
+            if command.kind is CommandKind.ARM and connectivity is Connectivity.ONLINE:
+                delay = max(delay, held)
             if command.expires_at <= now:
                 command.status = CommandStatus.EXPIRED
                 self._metrics.commands.labels(kind=command.kind.value, outcome="expired").inc()
-            elif command.last_sent_at is None or now - command.last_sent_at >= resend_delay(
-                command.attempts, after
-            ):
-                command.attempts += 1
-                command.last_sent_at = now
-                out.append(self.publish(command, now))
-                self._metrics.commands.labels(kind=command.kind.value, outcome="resent").inc()
+            elif command.last_sent_at is None or now - command.last_sent_at >= delay:
+                out.append(self._resend(command, now))
             else:
                 continue
             session.add(command)
         return out
+
+    def resend_device(self, session: Session, device_id: str, now: float) -> list[Publish]:
+        """The device (re)connected: its pending commands sent before may have gone with
+        its old broker session, so they are resent now (a copy it already has is refused
+        as replayed, which changes nothing)."""
+        out = []
+        for command in self.pending(session, device_id):
+            if command.expires_at > now and (command.last_sent_at or 0.0) < now:
+                out.append(self._resend(command, now))
+                session.add(command)
+        return out
+
+    def _resend(self, command: Command, now: float) -> Publish:
+        command.attempts += 1
+        command.last_sent_at = now
+        self._metrics.commands.labels(kind=command.kind.value, outcome="resent").inc()
+        return self.publish(command, now)

@@ -36,7 +36,7 @@ from .commands import Ledger, unconfirmed
 from .errors import Conflict, NotFound
 from .liveness import Seen
 from .metrics import UNLABELLED_REFUSAL, FleetMetrics
-from .models import Command, Connectivity, Device, Look, Visit, Window
+from .models import Command, CommandStatus, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
 from .plan_models import Check, Outcome
 from .reconcile import (
@@ -67,6 +67,8 @@ class FleetOps:
         self.policy = policy
         self.ledger = Ledger(key, metrics)
         self._gauge_labels: dict[str, set[str]] = {}  # label values exported, between sweeps
+        # Whether this replica sends commands (the scheduler leader); the service sets it.
+        self.leading: Callable[[], bool] = lambda: True
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -273,6 +275,8 @@ class FleetOps:
             pass  # contact only (above); its facts reach the database with the liveness flush
         elif isinstance(msg, Status):
             touched += self._status(session, self._device(session, device_id), msg, now)
+            if msg.status == "online" and self.leading():  # only the leader sends
+                pubs += self.ledger.resend_device(session, device_id, now)
         elif isinstance(msg, StateReport):
             moved += self._state(session, device_id, msg, now)
         elif isinstance(msg, Ack):
@@ -337,8 +341,14 @@ class FleetOps:
             if look is not None and ack.result is AckResult.REFUSED:
                 look.end_reason = f"refused:{ack.reason.value if ack.reason else '?'}"[:32]
                 session.add(look)
-        # A refusal means the desired state was not reached: reconcile decides again.
-        return [device_id] if ack.result is AckResult.REFUSED else []
+        # A refusal means the desired state was not reached: reconcile decides again. Not
+        # when the command is applied all the same: the device refused a resent copy of
+        # it (replayed). In a slow storm thousands of those came back, and a reconcile
+        # each made the storm slower still.
+        if ack.result is not AckResult.REFUSED:
+            return []
+        applied = command is not None and command.status is CommandStatus.APPLIED
+        return [] if applied else [device_id]
 
     def on_event(self, device_id: str, event: Event, now: float) -> list[str]:
         with self.session() as session:

@@ -13,6 +13,7 @@ running it on time, which is what makes the scheduler safe to restart at any mom
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ LOCK_GRACE_S = 5.0
 # How far ahead the next edge is looked for (a device with nothing in it is looked at by
 # the sweep, and by every change that concerns it).
 EDGE_HORIZON_S = 8 * 86400.0
+DAY_S = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +70,34 @@ def parse_hms(text: str) -> time:
 def occurrences(windows: Iterable[Window], start: float, end: float) -> list[Occurrence]:
     """Every window occurrence of these windows overlapping [start, end), in time order."""
     lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    first, last = int(start // DAY_S), int(end // DAY_S) + 1
     out: list[Occurrence] = []
     for w in windows:
         if not w.active:
             continue
-        out.extend(
-            occurrences_between(
-                [parse_hms(w.start_local)],
-                timedelta(seconds=w.duration_s),
-                lo,
-                hi,
-                tz=ZoneInfo(w.tz),
-                weekdays=frozenset(int(d) for d in w.weekdays),
-            )
-        )
+        found = _window_days(w.start_local, w.duration_s, w.tz, w.weekdays, first, last)
+        out.extend(o for o in found if o.end > lo and o.start < hi)
     return sorted(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_days(
+    start_local: str, duration_s: int, tz: str, weekdays: str, first: int, last: int
+) -> tuple[Occurrence, ...]:
+    """A window's occurrences overlapping whole UTC days [first, last) (days since the
+    epoch). Memoised: thousands of devices share a few agreed times, and a reconcile
+    recomputed each device's next eight days with zoneinfo, 15 % of the fleet's CPU in a
+    window start storm (py-spy). Pure: the same window and days give the same result."""
+    return tuple(
+        occurrences_between(
+            [parse_hms(start_local)],
+            timedelta(seconds=duration_s),
+            datetime.fromtimestamp(first * DAY_S, UTC),
+            datetime.fromtimestamp(last * DAY_S, UTC),
+            tz=ZoneInfo(tz),
+            weekdays=frozenset(int(d) for d in weekdays),
+        )
+    )
 
 
 def open_window(windows: Iterable[Window], now: float) -> Occurrence | None:

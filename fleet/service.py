@@ -112,6 +112,7 @@ class FleetService:
         )
         # Care plans: scheduler leadership, outbox sender, coverage (fleet/plan_service.py).
         self.plans = PlanRuntime(self)
+        self.ops.leading = lambda: self.plans.leader
         # Pairing, device certificates, equipment lifecycle (fleet/pairing.py); needs the CA.
         self.pairing: Pairing | None = Pairing(self) if settings.pairing.enabled else None
         self._api: uvicorn.Server | None = None

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from fleet import audit, signing
+from fleet.batch import Applied, Inbound
 from fleet.commands import AckTimer, resend_delay
 from fleet.config import FleetSettings, load_settings
 from fleet.core import FleetOps
@@ -175,6 +176,47 @@ def test_resends_back_off(ops: FleetOps) -> None:
     assert [b - a for a, b in itertools.pairwise(sent)] == [10, 20, 40, 40, 40, 40]
     assert commands(ops)[0].attempts == len(sent)
     assert [resend_delay(a, 10) for a in (0, 1, 2, 3, 9)] == [10, 10, 20, 40, 40]
+
+
+def _online(ops: FleetOps, device_id: str, now: float, boot: str = "boot-1") -> Applied:
+    status = Status(ts=now, status="online", boot_id=boot)
+    return ops.apply_inbound([Inbound(device_id, status, now)])
+
+
+def test_an_arm_held_in_an_online_devices_session_is_resent_late(ops: FleetOps) -> None:
+    """An online device's broker session delivers the arm (QoS 1): it is resent only after
+    the longest ack timeout (6 x resend_after_s), not at 10 s, while an offline device's
+    arm and an online device's disarm keep the short timeout."""
+    add(ops, "dev-a1")
+    add(ops, "dev-b2")
+    _online(ops, "dev-a1", T22 - 60)
+    ops.reconcile(None, T22)
+    assert [c.kind for c in commands(ops, "dev-a1")] == [CommandKind.ARM]
+    assert [len(ops.resend(T22 + t, 10)) for t in (10, 30, 59)] == [1, 1, 0]  # dev-b2 only
+    assert commands(ops, "dev-a1")[0].attempts == 1
+    assert len(ops.resend(T22 + 60, 10)) == 1
+    assert commands(ops, "dev-a1")[0].attempts == 2
+    # A disarm for an online device: the short timeout.
+    with ops.session() as s:
+        device = s.get(Device, "dev-a1")
+        assert device is not None
+        ops.ledger.issue(s, device, CommandKind.DISARM, now=T22 + 61)
+    ops.resend(T22 + 71, 10)
+    disarm = commands(ops, "dev-a1")[-1]
+    assert (disarm.kind, disarm.attempts) == (CommandKind.DISARM, 2)
+
+
+def test_a_device_that_reconnects_gets_its_pending_commands_at_once(ops: FleetOps) -> None:
+    add(ops, "dev-a1")
+    _online(ops, "dev-a1", T22 - 60)
+    ops.reconcile(None, T22)
+    back = _online(ops, "dev-a1", T22 + 5, boot="boot-2")  # its old session may be gone
+    assert [p.topic for p in back.publish] == ["tillsyn/v1/dev/dev-a1/cmd"]
+    assert commands(ops)[0].attempts == 2
+    # Only the scheduler leader sends commands; a standby applies the status only.
+    ops.leading = lambda: False
+    assert _online(ops, "dev-a1", T22 + 6, boot="boot-3").publish == []
+    assert commands(ops)[0].attempts == 2
 
 
 def test_resend_waits_for_as_long_as_acks_have_been_taking(ops: FleetOps) -> None:

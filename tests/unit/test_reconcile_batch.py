@@ -7,17 +7,30 @@ batch of device messages is one transaction in which a bad message is rejected a
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlmodel import col, select
 
-from fleet import audit
+from fleet import audit, reconcile
 from fleet.batch import Inbound
 from fleet.core import FleetOps
 from fleet.models import AuditEvent, Command, CommandStatus, Device, Window
 from tests.unit.fleet_sim import STEPS, T0, build, new_ops, outcome, react
-from tillsyn_protocol import Ack, AckResult, CommandKind, Event, EventKind, LockState, StateReport
+from tillsyn_protocol import (
+    Ack,
+    AckResult,
+    CommandKind,
+    Event,
+    EventKind,
+    LockState,
+    RefusalReason,
+    StateReport,
+)
+from tillsyn_protocol.windows import STOCKHOLM, occurrences_between
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -240,3 +253,62 @@ def test_a_disarm_applied_and_reported_locked_is_not_reconciled(tmp_path: Path) 
         [Inbound("dev-aa", _state(LockState.ARMED, now + 4, arm.until, disarm.seq), now + 4)]
     )
     assert rebooted.touched == ["dev-aa"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.sampled_from(["22:00:00", "02:30:00", "00:00:00", "23:59:59", "01:15:00"]),
+    duration=st.sampled_from([60, 600, 1800, 7200, 86400]),
+    weekdays=st.sampled_from(["0123456", "06", "135"]),
+    # 2027: spring forward 28 March, fall back 31 October (Stockholm).
+    lo=st.floats(min_value=1_801_000_000, max_value=1_830_000_000),
+    span=st.floats(min_value=0, max_value=9 * 86400),
+)
+def test_memoised_window_occurrences_are_those_of_the_window_arithmetic(
+    start: str, duration: int, weekdays: str, lo: float, span: float
+) -> None:
+    window = Window(device_id="dev-aa", start_local=start, duration_s=duration, weekdays=weekdays)
+    direct = list(
+        occurrences_between(
+            [reconcile.parse_hms(start)],
+            timedelta(seconds=duration),
+            datetime.fromtimestamp(lo, UTC),
+            datetime.fromtimestamp(lo + span, UTC),
+            tz=STOCKHOLM,
+            weekdays=frozenset(int(d) for d in weekdays),
+        )
+    )
+    assert reconcile.occurrences([window], lo, lo + span) == direct
+
+
+def test_the_refusal_of_a_resent_copy_of_an_applied_command_is_not_reconciled(
+    tmp_path: Path,
+) -> None:
+    ops = _ops(tmp_path)
+    now = T0
+    arm = _arm(ops, "dev-aa", now)
+    other = _arm(ops, "dev-bb", now)
+    replayed = Ack(
+        jti=arm.jti,
+        ts=now + 2,
+        result=AckResult.REFUSED,
+        state=LockState.ARMED,
+        reason=RefusalReason.REPLAYED,
+    )
+    refused = Ack(
+        jti=other.jti,
+        ts=now + 2,
+        result=AckResult.REFUSED,
+        state=LockState.LOCKED,
+        reason=RefusalReason.CAMERA_FAULT,
+    )
+    result = ops.apply_inbound(
+        [
+            Inbound("dev-aa", _ack(arm, now + 1), now + 1),  # applied, then its copy refused
+            Inbound("dev-aa", replayed, now + 2),
+            Inbound("dev-bb", refused, now + 2),  # a real refusal: reconciled
+        ]
+    )
+    assert result.touched == ["dev-bb"]
+    statuses = ops.run(lambda s: {c.device_id: c.status for c in s.exec(select(Command))})
+    assert statuses == {"dev-aa": CommandStatus.APPLIED, "dev-bb": CommandStatus.REFUSED}
