@@ -318,12 +318,16 @@ class Ledger:
             session.add(command)
         return out
 
-    def resend_device(self, session: Session, device_id: str, now: float) -> list[Publish]:
-        """The device (re)connected: its pending commands sent before may have gone with
-        its old broker session, so they are resent now (a copy it already has is refused
-        as replayed, which changes nothing)."""
+    def resend_device(
+        self, session: Session, pending: Iterable[Command], now: float
+    ) -> list[Publish]:
+        """A device (re)connected: its pending commands (as loaded), sent before, may have
+        gone with its old broker session, so they are resent now (a copy it already has
+        is refused as replayed, which changes nothing)."""
         out = []
-        for command in self.pending(session, device_id):
+        for command in pending:
+            if command.status is not CommandStatus.PENDING:
+                continue  # settled meanwhile (an ack earlier in the same batch)
             if command.expires_at > now and (command.last_sent_at or 0.0) < now:
                 out.append(self._resend(command, now))
                 session.add(command)

@@ -218,6 +218,17 @@ class FleetOps:
             for part in snapshot.chunks(sorted({a.jti for a in acks if a.jti})):
                 stmt_c = select(Command).where(col(Command.jti).in_(part))
                 commands.update((c.jti, c) for c in session.exec(stmt_c))
+            # Devices (re)connecting get their pending commands resent: loaded at once too.
+            back = sorted(
+                {i.device_id for i in items if isinstance(i.message, Status)} & devices.keys()
+            )
+            pending: dict[str, list[Command]] = {d: [] for d in back}
+            for part in snapshot.chunks(back):
+                stmt_p = select(Command).where(
+                    col(Command.device_id).in_(part), Command.status == CommandStatus.PENDING
+                )
+                for c in session.exec(stmt_p):
+                    pending[c.device_id].append(c)
             known = [i for i in items if i.device_id in devices]
             result.rejected += [
                 (i, "unknown_device", "device not in database")
@@ -228,11 +239,11 @@ class FleetOps:
                 mark = audit_batch.mark(session)
                 try:
                     with session.begin_nested():
-                        done = [self._apply_one(session, i, commands) for i in known]
+                        done = [self._apply_one(session, i, commands, pending) for i in known]
                 except Exception as exc:
                     audit_batch.drop_after(session, mark)
                     log.warning("device message batch: %s; one by one", type(exc).__name__)
-                    self._apply_each(session, known, commands, result)
+                    self._apply_each(session, known, commands, pending, result)
                 else:
                     for touched, pubs, moved in done:
                         result.touched += touched
@@ -242,13 +253,18 @@ class FleetOps:
         return result
 
     def _apply_each(
-        self, session: Session, items: list[Inbound], commands: dict[str, Command], out: Applied
+        self,
+        session: Session,
+        items: list[Inbound],
+        commands: dict[str, Command],
+        pending: dict[str, list[Command]],
+        out: Applied,
     ) -> None:
         for item in items:
             mark = audit_batch.mark(session)
             try:
                 with session.begin_nested():
-                    touched, pubs, moved = self._apply_one(session, item, commands)
+                    touched, pubs, moved = self._apply_one(session, item, commands, pending)
             except Exception as exc:  # isolated: this message is rejected alone
                 audit_batch.drop_after(session, mark)
                 if isinstance(exc, NotFound):
@@ -261,7 +277,11 @@ class FleetOps:
             out.moved += moved
 
     def _apply_one(
-        self, session: Session, item: Inbound, commands: dict[str, Command]
+        self,
+        session: Session,
+        item: Inbound,
+        commands: dict[str, Command],
+        pending: dict[str, list[Command]],
     ) -> tuple[list[str], list[Publish], list[str]]:
         """What to reconcile, what to publish, and the devices whose reported state moved
         (reconciled unless the move is the applied effect of the fleet's latest command)."""
@@ -276,7 +296,7 @@ class FleetOps:
         elif isinstance(msg, Status):
             touched += self._status(session, self._device(session, device_id), msg, now)
             if msg.status == "online" and self.leading():  # only the leader sends
-                pubs += self.ledger.resend_device(session, device_id, now)
+                pubs += self.ledger.resend_device(session, pending.get(device_id, []), now)
         elif isinstance(msg, StateReport):
             moved += self._state(session, device_id, msg, now)
         elif isinstance(msg, Ack):
