@@ -312,6 +312,7 @@ class FleetService:
         """Dashboard gauges from the database, on every replica (a standby too) and
         whatever the scheduler does: replicas export the same values, dashboards take max()."""
         while True:
+            await self._no_edge.wait()  # a window start's arms first; gauges can wait
             try:
                 now = self.clock()
                 await self.db(self.ops.refresh_gauges, now)
