@@ -219,9 +219,12 @@ class FleetOps:
                 stmt_c = select(Command).where(col(Command.jti).in_(part))
                 commands.update((c.jti, c) for c in session.exec(stmt_c))
             # Devices (re)connecting get their pending commands resent: loaded at once too.
-            back = sorted(
-                {i.device_id for i in items if isinstance(i.message, Status)} & devices.keys()
-            )
+            online = {
+                i.device_id
+                for i in items
+                if isinstance(i.message, Status) and i.message.status == "online"
+            }
+            back = sorted(online & devices.keys())
             pending: dict[str, list[Command]] = {d: [] for d in back}
             for part in snapshot.chunks(back):
                 stmt_p = select(Command).where(

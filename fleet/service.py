@@ -183,10 +183,21 @@ class FleetService:
                 asyncio.ensure_future(self.db(self._at_now, self.ops.reconcile, ids))
                 for ids in parts
             ]
-            for future in queued:
-                result = await future
-                await self.publish(result.publish)
-                self.scheduler.set_edges(result.next_edges)
+            failed: Exception | None = None
+            try:
+                for future in queued:
+                    try:
+                        result = await future
+                    except Exception as exc:  # the other parts' arms still go out
+                        failed = failed or exc
+                        continue
+                    await self.publish(result.publish)
+                    self.scheduler.set_edges(result.next_edges)
+            finally:  # stopping: parts not started yet are not started
+                for future in queued:
+                    future.cancel()
+            if failed is not None:
+                raise failed  # its devices: the sweep repairs them
             return
 
         # Otherwise one part at a time, the next computed while this one's commands are
