@@ -84,6 +84,10 @@ def _ack(cmd: Command, now: float) -> Ack:
     return Ack(jti=cmd.jti, ts=now, result=AckResult.APPLIED, state=LockState.ARMED)
 
 
+def _refusal(cmd: Command, now: float, state: LockState, reason: RefusalReason) -> Ack:
+    return Ack(jti=cmd.jti, ts=now, result=AckResult.REFUSED, state=state, reason=reason)
+
+
 def _state(state: LockState, now: float, until: float | None = None, seq: int = 0) -> StateReport:
     return StateReport(ts=now, state=state, since=now, armed_until=until, last_seq=seq)
 
@@ -288,20 +292,8 @@ def test_the_refusal_of_a_resent_copy_of_an_applied_command_is_not_reconciled(
     now = T0
     arm = _arm(ops, "dev-aa", now)
     other = _arm(ops, "dev-bb", now)
-    replayed = Ack(
-        jti=arm.jti,
-        ts=now + 2,
-        result=AckResult.REFUSED,
-        state=LockState.ARMED,
-        reason=RefusalReason.REPLAYED,
-    )
-    refused = Ack(
-        jti=other.jti,
-        ts=now + 2,
-        result=AckResult.REFUSED,
-        state=LockState.LOCKED,
-        reason=RefusalReason.CAMERA_FAULT,
-    )
+    replayed = _refusal(arm, now + 2, LockState.ARMED, RefusalReason.REPLAYED)
+    refused = _refusal(other, now + 2, LockState.LOCKED, RefusalReason.CAMERA_FAULT)
     result = ops.apply_inbound(
         [
             Inbound("dev-aa", _ack(arm, now + 1), now + 1),  # applied, then its copy refused
