@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +97,9 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def py_spy() -> str:
+    """py-spy beside this interpreter (pip install py-spy into the venv), else on PATH."""
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else "py-spy"

@@ -28,6 +28,7 @@ from bench._common import (
     cpu_seconds,
     device_ids,
     publish_load,
+    py_spy,
     start_broker,
 )
 from broker.launcher import free_port
@@ -122,7 +123,7 @@ def run_fleet(
     if profile:  # py-spy attached to the service: where the ingest time goes
         spy = subprocess.Popen(
             [
-                _py_spy(),
+                py_spy(),
                 "record",
                 "-p",
                 str(proc.pid),
@@ -164,12 +165,6 @@ def run_fleet(
         "cpu_s_per_thread": [t for t in per_thread if t > 0][:4],
         "publish_wall_s": wall,
     }
-
-
-def _py_spy() -> str:
-    """py-spy beside this interpreter (pip install py-spy into the venv), else on PATH."""
-    local = Path(sys.executable).with_name("py-spy")
-    return str(local) if local.exists() else "py-spy"
 
 
 def thread_cpu(pid: int) -> dict[int, float]:

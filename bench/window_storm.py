@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from bench._common import start_broker
+from bench._common import py_spy, start_broker
 from bench._sim import FleetProcess, SimProcess, percentile, table
 from broker.pki import PkiPaths
 from firmware_agent.sim_fleet import register_in_db
@@ -55,8 +55,7 @@ def issued_arms(db: Path) -> tuple[list[float], int]:
 def profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
     """py-spy attached to the fleet for the storm (raw format for .txt, else a flame graph):
     the thread holding the GIL only, i.e. where its Python CPU goes."""
-    local = Path(sys.executable).with_name("py-spy")
-    cmd = [str(local) if local.exists() else "py-spy", "record", "-p", str(pid), "-o", out]
+    cmd = [py_spy(), "record", "-p", str(pid), "-o", out]
     cmd += [
         "-f",
         "raw" if out.endswith(".txt") else "flamegraph",

@@ -226,12 +226,9 @@ class FleetOps:
             }
             back = sorted(online & devices.keys())
             pending: dict[str, list[Command]] = {d: [] for d in back}
-            for part in snapshot.chunks(back):
-                stmt_p = select(Command).where(
-                    col(Command.device_id).in_(part), Command.status == CommandStatus.PENDING
-                )
-                for c in session.exec(stmt_p):
-                    pending[c.device_id].append(c)
+            stmt_p = select(Command).where(Command.status == CommandStatus.PENDING)
+            for c in snapshot.rows(session, stmt_p, Command.device_id, back):
+                pending[c.device_id].append(c)
             known = [i for i in items if i.device_id in devices]
             result.rejected += [
                 (i, "unknown_device", "device not in database")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import gc
 import logging
@@ -161,61 +162,50 @@ class FleetService:
     async def _reconcile(
         self, device_ids: list[str], *, edge: bool = False, full_pass: bool = False
     ) -> None:
-        if len(device_ids) <= RECONCILE_PART:
-            if full_pass:
-                await self._no_edge.wait()
-            result = await self.db(self._at_now, self.ops.reconcile, device_ids)
-            await self.publish(result.publish)
-            self.scheduler.set_edges(result.next_edges)
-            return
-        # Many devices at once (10,000 windows opening at 22:00): a transaction per part,
-        # each part's commands published as soon as it is done, so the first arms leave
-        # after one part's work, not after the whole fleet's.
+        """In parts of ``RECONCILE_PART`` devices (10,000 windows opening at 22:00), a
+        transaction each, each part's commands published as soon as it is done, so the
+        first arms leave after one part's work, not after the whole fleet's.
+
+        An edge queues every part on the database thread at once, ahead of the acks and
+        state reports its first arms bring back (applied after the last part; their times
+        are taken on arrival): one part at a time let each part wait for the previous
+        part's acks, and the last arms of a 10,000-device start left seconds later.
+        Anything else keeps one part ahead, so device messages queued meanwhile (a Last
+        Will) wait for one part, not for all; a full pass (the sweep, a safety net) also
+        waits while an edge is reconciled, whose arms matter more than its re-check. A part
+        that fails costs only its own devices (the sweep repairs them): the others' commands
+        still go out, then its error is raised."""
         parts = [
             device_ids[i : i + RECONCILE_PART] for i in range(0, len(device_ids), RECONCILE_PART)
         ]
-        if edge:
-            # An edge: every part queued on the database thread now, ahead of the acks and
-            # state reports its first arms bring back (applied after the last part; their
-            # times are taken on arrival). One part at a time let each part wait for the
-            # previous part's acks: the last arms of a 10,000-device start left seconds later.
-            queued = [
-                asyncio.ensure_future(self.db(self._at_now, self.ops.reconcile, ids))
-                for ids in parts
-            ]
-            failed: Exception | None = None
-            try:
-                for future in queued:
-                    try:
-                        result = await future
-                    except Exception as exc:  # the other parts' arms still go out
-                        failed = failed or exc
-                        continue
-                    await self.publish(result.publish)
-                    self.scheduler.set_edges(result.next_edges)
-            finally:  # stopping: parts not started yet are not started
-                for future in queued:
-                    future.cancel()
-            if failed is not None:
-                raise failed  # its devices: the sweep repairs them
-            return
 
-        # Otherwise one part at a time, the next computed while this one's commands are
-        # published, so device messages queued meanwhile (a Last Will) wait for one part,
-        # not for all. A full pass (the sweep, a safety net) also waits while an edge is
-        # reconciled, whose arms matter more than its re-check.
         async def part(ids: list[str]) -> Reconciled:
             if full_pass:
                 await self._no_edge.wait()
             return await self.db(self._at_now, self.ops.reconcile, ids)
 
-        pending = asyncio.ensure_future(part(parts[0]))
-        for nxt in [*parts[1:], None]:
-            result = await pending
-            if nxt is not None:
-                pending = asyncio.ensure_future(part(nxt))
-            await self.publish(result.publish)
-            self.scheduler.set_edges(result.next_edges)
+        ahead = len(parts) if edge else 1
+        queued = collections.deque(asyncio.ensure_future(part(ids)) for ids in parts[:ahead])
+        rest = iter(parts[ahead:])
+        failed: Exception | None = None
+        try:
+            while queued:
+                result: Reconciled | None = None
+                try:
+                    result = await queued.popleft()
+                except Exception as exc:
+                    failed = failed or exc
+                nxt = next(rest, None)
+                if nxt is not None:
+                    queued.append(asyncio.ensure_future(part(nxt)))
+                if result is not None:
+                    await self.publish(result.publish)
+                    self.scheduler.set_edges(result.next_edges)
+        finally:  # stopping: parts not started yet are not started
+            for future in queued:
+                future.cancel()
+        if failed is not None:
+            raise failed
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ def chunks(ids: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
         yield ids[i : i + size]
 
 
-def _rows(
+def rows(
     session: Session,
     stmt: SelectOfScalar[T],
     column: InstrumentedAttribute[Any] | Any,
@@ -70,24 +70,24 @@ def load(
     ``now + horizon_s``, pending commands, due escalation steps, and visit links of
     checks whose window has ended."""
     ids = None if device_ids is None else sorted(set(device_ids))
-    data = {d.id: DeviceData(d) for d in _rows(session, select(Device), Device.id, ids)}
+    data = {d.id: DeviceData(d) for d in rows(session, select(Device), Device.id, ids)}
     ids = None if ids is None else list(data)
     if not data:
         return data
-    for w in _rows(session, select(Window).where(Window.active), Window.device_id, ids):
+    for w in rows(session, select(Window).where(Window.active), Window.device_id, ids):
         if w.device_id in data:
             data[w.device_id].windows.append(w)
     stmt = select(Check).where(
         col(Check.state).in_(ARMING_STATES), Check.start_at < now + horizon_s
     )
     ended: list[Check] = []
-    for c in sorted(_rows(session, stmt, Check.device_id, ids), key=_check_order):
+    for c in sorted(rows(session, stmt, Check.device_id, ids), key=_check_order):
         if c.device_id in data:
             data[c.device_id].checks.append(c)
             if c.start_at <= now and c.end_at <= now:
                 ended.append(c)
     pending = select(Command).where(Command.status == CommandStatus.PENDING)
-    for cmd in _rows(session, pending, Command.device_id, ids):
+    for cmd in rows(session, pending, Command.device_id, ids):
         if cmd.device_id in data:
             data[cmd.device_id].pending.append(cmd)
     for device_id, step in _step_rows(session, ids, col(EscalationStep.due_at) <= now):
