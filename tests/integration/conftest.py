@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from broker.launcher import MosquittoProcess, free_port
 from broker.pki import PkiPaths
 from fleet.config import FleetSettings
 from fleet.service import FleetService
+from tests.helpers import end_mqtt_sessions, make_client_ssl_context, unique_client_id
 from tests.integration.fleet_harness import Harness
 
 
@@ -38,12 +39,42 @@ def fleet_settings(tmp: Path, pki: PkiPaths, port: int, **overrides: object) -> 
     return FleetSettings(**values)  # type: ignore[arg-type]
 
 
+class MqttSessions:
+    """The client ids of the persistent MQTT sessions a test starts on the session's broker."""
+
+    def __init__(self) -> None:
+        self.client_ids: list[str] = []
+
+    def new(self, prefix: str) -> str:
+        """A client id unique to this test, whose session is ended after it."""
+        return self.add(unique_client_id(prefix))
+
+    def add(self, client_id: str) -> str:
+        if client_id not in self.client_ids:
+            self.client_ids.append(client_id)
+        return client_id
+
+
+@pytest.fixture
+def mqtt_sessions(mosquitto: MosquittoProcess, pki_dir: PkiPaths) -> Iterator[MqttSessions]:
+    """Persistent sessions (a configured ``mqtt_client_id``) outlive their fleet by an hour
+    on the broker, which every later test shares: ended after the test, so that none of
+    them goes on taking a share of a shared group's messages (``$share/fleet/...``) or
+    collecting copies of later tests' device messages. A test that gives a fleet a client
+    id of its own gets it from here (``mqtt_sessions.new("fleet-ha")``)."""
+    sessions = MqttSessions()
+    yield sessions
+    tls = make_client_ssl_context(pki_dir, pki_dir.fleet_cert, pki_dir.fleet_key)
+    end_mqtt_sessions(mosquitto.host, mosquitto.port, tls, sessions.client_ids)
+
+
 @pytest.fixture
 def make_harness(
     tmp_path: Path,
     pki_dir: PkiPaths,
     mosquitto: MosquittoProcess,
     device_cert: Callable[[str], tuple[Path, Path]],
+    mqtt_sessions: MqttSessions,
 ) -> Callable[..., object]:
     """Factory: ``async with make_harness(**settings) as h`` runs a fleet service in-process."""
     from contextlib import asynccontextmanager
@@ -51,6 +82,8 @@ def make_harness(
     @asynccontextmanager
     async def run(**overrides: object) -> AsyncIterator[Harness]:
         settings = fleet_settings(tmp_path, pki_dir, mosquitto.port, **overrides)
+        if settings.persistent_session():
+            mqtt_sessions.add(settings.client_id())
         service = FleetService(settings, registry=CollectorRegistry())
         task = asyncio.create_task(service.run(), name="fleet-under-test")
         harness = Harness(service, pki_dir, mosquitto.port, tmp_path, device_cert)

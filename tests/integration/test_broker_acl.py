@@ -14,6 +14,8 @@ Observed Mosquitto 2.0.11 behaviour these tests pin down:
   protocol_version alert. (Without it, 2.0.11 accepts TLS 1.1 if the ciphers allow.)
 * SIGHUP re-reads the CRL for NEW handshakes; an established connection of a
   now-revoked certificate survives until the broker restarts.
+* A shared subscription's round robin does not skip a member whose persistent session
+  is disconnected: it gets its turns (queued) until the session expires or is ended.
 
 "Receives nothing" is checked with a barrier, not a sleep: after the forbidden
 traffic, a message the client IS allowed to receive is published; Mosquitto is
@@ -51,7 +53,7 @@ from broker.launcher import (
     stop_by_pidfile,
 )
 from broker.pki import PkiPaths, issue_device_cert, make_foreign_ca, revoke
-from tests.helpers import make_client_ssl_context, unique_client_id
+from tests.helpers import end_mqtt_sessions, make_client_ssl_context, unique_client_id
 
 pytestmark = pytest.mark.integration
 
@@ -266,6 +268,40 @@ def test_fleet_shared_subscription_receives_heartbeats(
     device = connect(cert, key)
     assert device.publish(dev_topic(device_id, "hb"), b"beat") in ACCEPTED
     fleet.wait_for(dev_topic(device_id, "hb"), b"beat")
+
+
+def test_stopped_persistent_session_keeps_its_share_until_ended(
+    connect: Callable[..., Client], fleet: Client, mosquitto: MosquittoProcess, pki_dir: PkiPaths
+) -> None:
+    """A fleet stopped with a persistent session stays a member of its shared group: the
+    broker goes on queueing its share of the group's messages, which the live members
+    never see. Tests end such sessions (``end_mqtt_sessions``, the ``mqtt_sessions``
+    fixture): the broker is shared by the whole test session."""
+    base = f"tillsyn/v1/test-{uuid.uuid4().hex[:8]}"
+    shared, barrier = f"$share/g-{uuid.uuid4().hex[:8]}/{base}/msg", f"{base}/barrier"
+    gone = connect(pki_dir.fleet_cert, pki_dir.fleet_key, session_expiry=300)
+    assert gone.subscribe(shared) == GRANTED_QOS1
+    gone.close()
+    wait_for_log(mosquitto, f"Client {gone.client_id} disconnected.")
+    live = connect(pki_dir.fleet_cert, pki_dir.fleet_key)
+    assert live.subscribe(shared) == GRANTED_QOS1
+    assert live.subscribe(barrier) == GRANTED_QOS1
+
+    def delivered(tag: bytes, n: int = 4) -> int:
+        for i in range(n):
+            assert fleet.publish(f"{base}/msg", tag + bytes([48 + i])) in ACCEPTED
+        assert fleet.publish(barrier, tag) in ACCEPTED  # in order after them (one connection)
+        got = live.wait_for(barrier, tag)
+        return sum(1 for t, p in got if t == f"{base}/msg" and p.startswith(tag))
+
+    assert delivered(b"before") < 4  # the stopped session took its turns
+    tls = make_client_ssl_context(pki_dir, pki_dir.fleet_cert, pki_dir.fleet_key)
+    end_mqtt_sessions(mosquitto.host, mosquitto.port, tls, [gone.client_id])
+    assert delivered(b"after") == 4  # ended: every message reaches the live member
+    back = connect(
+        pki_dir.fleet_cert, pki_dir.fleet_key, client_id=gone.client_id, clean_start=False
+    )
+    assert not back.session_present
 
 
 # ------------------------------------------------------------------- reading

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -129,7 +128,7 @@ def applied_twice(engine: Any) -> list[str]:
 
 
 async def test_two_service_processes_one_scheduler_and_failover(
-    tmp_path, pki_dir, mosquitto, device_cert
+    tmp_path, pki_dir, mosquitto, device_cert, mqtt_sessions
 ) -> None:
     device_id = "dev-ha-1"
     values = base_values(tmp_path, pki_dir, mosquitto.port, shared_group="fleet")
@@ -145,8 +144,9 @@ async def test_two_service_processes_one_scheduler_and_failover(
         for i, port in enumerate(ports):
             toml = write_toml(
                 tmp_path / f"fleet{i}.toml",
-                values
-                | {"api_port": port, "mqtt_client_id": f"fleet-ha-{i}-{uuid.uuid4().hex[:6]}"},
+                # Persistent sessions in the shared group: ended after the test (the
+                # fixture), or they would take a share of the next tests' messages.
+                values | {"api_port": port, "mqtt_client_id": mqtt_sessions.new(f"fleet-ha-{i}")},
             )
             procs.append(
                 Proc(
@@ -249,7 +249,7 @@ async def _leader(port: int) -> bool:
 
 
 async def test_service_killed_at_any_moment_of_a_simulated_night(
-    tmp_path, pki_dir, mosquitto, device_cert
+    tmp_path, pki_dir, mosquitto, device_cert, mqtt_sessions
 ) -> None:
     device_id = "dev-restart"
     api_port = free_port()
@@ -258,7 +258,7 @@ async def test_service_killed_at_any_moment_of_a_simulated_night(
         pki_dir,
         mosquitto.port,
         api_port=api_port,
-        mqtt_client_id=f"fleet-rs-{uuid.uuid4().hex[:6]}",
+        mqtt_client_id=mqtt_sessions.new("fleet-rs"),
     )
     toml = write_toml(tmp_path / "fleet.toml", values)
     clock = FileClock(tmp_path / "offset")
