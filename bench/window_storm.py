@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from bench._common import py_spy, start_broker
+from bench._common import cpu_seconds, py_spy, start_broker
 from bench._sim import FleetProcess, SimProcess, percentile, table
 from broker.pki import PkiPaths
 from firmware_agent.sim_fleet import register_in_db
@@ -68,8 +68,15 @@ def profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
 
 
 def floor(
-    root: Path, pki: PkiPaths, port: int, fleet: FleetProcess, ids: list[str], until: int
-) -> list[float]:
+    root: Path,
+    pki: PkiPaths,
+    port: int,
+    fleet: FleetProcess,
+    sim: SimProcess,
+    ids: list[str],
+    until: int,
+) -> tuple[list[float], float, float]:
+    """The floor's latencies, and its own and the simulator's CPU for the storm."""
     ids_file = root / "ids.txt"
     ids_file.write_text("\n".join(ids))
     args = [str(port), str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key)]
@@ -85,12 +92,14 @@ def floor(
     if not ready or ready[0] != "ready":
         raise SystemExit("bare commander failed")
     time.sleep(2)  # the disarm's state reports settle
+    cpu0 = cpu_seconds(proc.pid), sim.cpu()
     proc.stdin.write("go\n")
     proc.stdin.flush()
     out = json.loads(proc.stdout.readline())
+    cpu = cpu_seconds(proc.pid) - cpu0[0], sim.cpu() - cpu0[1]
     proc.wait(30)
     latencies: list[float] = out["latencies"]
-    return latencies
+    return latencies, *cpu
 
 
 def main() -> None:
@@ -147,7 +156,7 @@ def main() -> None:
             time.sleep(5)  # the state reports' reconciles and the last acks' batches
             fleet_cpu, issued = fleet.cpu(), issued_arms(fleet.db)
             fleet.stop()
-            floor_lat = floor(root, pki, broker.port, fleet, ids, t0 + WINDOW_S)
+            floor_lat, *floor_cpu = floor(root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S)
         finally:
             if sim is not None:
                 sim.stop()
@@ -180,6 +189,7 @@ def main() -> None:
                 ("arms issued: first / last after start", issue_span),
                 ("arm sends in all (resends included)", f"{issued[1]:,}"),
                 ("CPU until the last ack: fleet / sim", "{:.1f} / {:.1f} s".format(*storm_cpu)),
+                ("floor's CPU: commander / sim", "{:.1f} / {:.1f} s".format(*floor_cpu)),
                 ("fleet CPU (start-up, storm, after)", f"{fleet_cpu:.1f} s"),
             ]
         )

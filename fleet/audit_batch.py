@@ -86,7 +86,6 @@ def buffered(session: Session) -> Iterator[None]:
 def write(session: Session, entries: list[_Entry]) -> None:
     if not entries:
         return
-    audit.lock_head(session)
     audit.lock_head(session)  # as audit.append: replicas append one after the other
     head = select(AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)
     prev = session.exec(head).first() or audit.GENESIS  # (autoflushes direct appends first)
@@ -105,4 +104,5 @@ def write(session: Session, entries: list[_Entry]) -> None:
             }
         )
         prev = digest
-    session.execute(insert(AuditEvent), rows)
+    # Core, not the ORM's bulk insert: nothing to map back, a quarter less per row.
+    session.execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from tillsyn_protocol import (
 from tillsyn_protocol import tokens as tk
 
 from . import audit_batch
+from .db import keep, new_row
 from .metrics import FleetMetrics
 from .models import Command, CommandStatus, Connectivity, Device
 from .outbound import Publish
@@ -152,7 +153,8 @@ class Ledger:
             if pending is None:
                 pending = list(self.pending(session, device.id))
             self._supersede(session, pending, now)
-        command = Command(
+        command = new_row(
+            Command,
             jti=claims.jti,
             device_id=device.id,
             seq=seq,
@@ -166,7 +168,7 @@ class Ledger:
             attempts=1,
             last_sent_at=now,
         )
-        session.add(device)
+        keep(session, device)
         session.add(command)
         if pending is not None:
             pending.append(command)
@@ -201,7 +203,7 @@ class Ledger:
                 continue
             old.status = CommandStatus.SUPERSEDED
             old.acked_at = now
-            session.add(old)
+            keep(session, old)
             self._metrics.commands.labels(kind=old.kind.value, outcome="superseded").inc()
 
     def pending(self, session: Session, device_id: str) -> Sequence[Command]:
@@ -237,7 +239,7 @@ class Ledger:
         else:
             outcome = CommandStatus.APPLIED
             device.device_last_seq = max(device.device_last_seq, command.seq)
-            session.add(device)
+            keep(session, device)
         if command.status in (
             CommandStatus.PENDING,
             CommandStatus.SUPERSEDED,
@@ -253,7 +255,7 @@ class Ledger:
             command.status = outcome
             command.reason = ack.reason.value if ack.reason else None
             command.acked_at = now
-            session.add(command)
+            keep(session, command)
             self._metrics.commands.labels(kind=command.kind.value, outcome=outcome.value).inc()
             if outcome is CommandStatus.APPLIED:
                 self._metrics.command_latency.labels(kind=command.kind.value).observe(latency)

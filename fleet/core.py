@@ -33,6 +33,7 @@ from tillsyn_protocol import (
 from . import audit, audit_batch, batch, checks, gauges, snapshot, video_phone, visits
 from .batch import Applied, Inbound
 from .commands import Ledger, unconfirmed
+from .db import keep
 from .errors import Conflict, NotFound
 from .liveness import Seen
 from .metrics import UNLABELLED_REFUSAL, FleetMetrics
@@ -163,7 +164,7 @@ class FleetOps:
             return []
         was = device.connectivity
         device.connectivity, device.offline_since, device.last_seen = Connectivity.ONLINE, None, now
-        session.add(device)
+        keep(session, device)
         visits.mark_device_back(session, device.id, now)
         audit_batch.append(
             session,
@@ -181,7 +182,7 @@ class FleetOps:
         if device.connectivity is Connectivity.OFFLINE:
             return []
         device.connectivity, device.offline_since = Connectivity.OFFLINE, since
-        session.add(device)
+        keep(session, device)
         self.metrics.device_disconnects.labels(why=why).inc()
         audit_batch.append(
             session,
@@ -326,7 +327,7 @@ class FleetOps:
         device.reported_at = now
         device.device_last_seq = max(device.device_last_seq, report.last_seq)
         device.next_seq = max(device.next_seq, device.device_last_seq + 1)
-        session.add(device)
+        keep(session, device)
         if changed:
             audit_batch.append(
                 session,
