@@ -198,3 +198,37 @@ async def test_queued_messages_are_one_batch_in_order_and_stay_behind_other_jobs
     assert order == ["msg1", "msg2", "msg3", "msg4", "msg5", "other", "msg6"]
     assert [len(r.touched) for r in done] == [3, 2, 1]
     executor.shutdown()
+
+
+async def test_an_idle_database_thread_waits_briefly_for_the_rest_of_a_burst() -> None:
+    """Messages trickling in to an idle database thread are one transaction, not one each;
+    a job submitted behind the batch (seal) ends the wait at once."""
+    executor = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+    batches: list[list[int]] = []
+
+    def apply(items: list[Inbound]) -> Applied:
+        batches.append([int(i.now) for i in items])
+        return Applied()
+
+    async def finished(items: list[Inbound], result: Applied) -> None:
+        pass
+
+    def submit(fn: Any) -> asyncio.Future[Any]:
+        return loop.run_in_executor(executor, fn)
+
+    queue = InboundQueue(apply, submit=submit, done=finished, linger_s=0.5)
+    for n in range(1, 4):  # a trickle: the thread is idle when each arrives
+        queue.add(Inbound("dev-q2", _state(n), n))
+        await asyncio.sleep(0.05)
+    await queue.drain()
+    assert batches == [[1, 2, 3]]
+
+    t0 = time.monotonic()
+    queue.add(Inbound("dev-q2", _state(4), 4))
+    await asyncio.sleep(0.05)
+    queue.seal()
+    await submit(lambda: None)  # the sealing job runs right after the batch, not 0.5 s later
+    await queue.drain()
+    assert batches == [[1, 2, 3], [4]] and time.monotonic() - t0 < 0.4
+    executor.shutdown()
