@@ -283,6 +283,13 @@ def test_memoised_window_occurrences_are_those_of_the_window_arithmetic(
         )
     )
     assert reconcile.occurrences([window], lo, lo + span) == direct
+    # Spans take the memoised occurrences as epoch seconds.
+    spans = reconcile.spans_of([window], [], lo, lo + span)
+    merged = [(o.start.timestamp(), o.end.timestamp()) for o in direct]
+    for i in range(len(merged) - 1, 0, -1):  # overlapping occurrences are one span
+        if merged[i][0] < merged[i - 1][1]:
+            merged[i - 1 : i + 1] = [(merged[i - 1][0], max(merged[i - 1][1], merged[i][1]))]
+    assert [(s.start, s.end) for s in spans] == merged
 
 
 def test_the_refusal_of_a_resent_copy_of_an_applied_command_is_not_reconciled(
