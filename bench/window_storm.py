@@ -116,6 +116,12 @@ def main() -> None:
         " floor, slower here, not the fleet faster]",
     )
     parser.add_argument("--profile", help="py-spy profile of the fleet during the storm here")
+    parser.add_argument(
+        "--care-plans",
+        action="store_true",
+        help="devices on care plans (one check a night, the window's start and length; its"
+        " spans come from planned checks) instead of legacy window rows",
+    )
     args = parser.parse_args()
     n = args.devices
     with tempfile.TemporaryDirectory(prefix="bench-window-storm-") as tmp:
@@ -130,7 +136,12 @@ def main() -> None:
             t0 = math.ceil((time.time() + lead) / 60) * 60
             start_local = datetime.fromtimestamp(t0, ZoneInfo(TZ)).strftime("%H:%M:%S")
             ids = [f"dev-sim-{i:06d}" for i in range(n)]
-            register_in_db(f"sqlite:///{root / 'fleet.db'}", ids, window=(start_local, WINDOW_S))
+            register_in_db(
+                f"sqlite:///{root / 'fleet.db'}",
+                ids,
+                window=(start_local, WINDOW_S),
+                care_plans=args.care_plans,
+            )
             fleet = FleetProcess(root, pki, broker.port, tz=TZ).start()
             sim = SimProcess(root, pki, broker.port, fleet.public_key, n, "--direct")
             sim.start(nice=args.nice)
@@ -175,9 +186,10 @@ def main() -> None:
     created = sorted(c - t0 for c in issued[0])
     issue_span = f"{created[0]:.2f} / {created[-1]:.2f} s" if created else "none"
     print("window_storm: setup: 2 cores, loopback, Mosquitto 2.0.11 production config,")
+    kind = "care plans" if args.care_plans else "legacy window rows"
     print(
         f"  {n:,} simulated agents ({sim.processes if sim else 1} processes, nice {args.nice}),"
-        " fleet on SQLite\n"
+        f" fleet on SQLite, devices on {kind}\n"
     )
     print(
         table(

@@ -12,8 +12,11 @@ service only learns of devices it registered itself).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Sequence
+from datetime import date, timedelta
+from typing import Any
 
 import httpx
 
@@ -69,10 +72,13 @@ def register_in_db(
     *,
     window: tuple[str, int] | None = None,
     tz: str = "Europe/Stockholm",
+    care_plans: bool = False,
 ) -> int:
     """Benchmarks: insert the devices missing from the fleet's database (schema created if
-    needed), each new one with a daily ``window`` (local ``HH:MM:SS``, seconds) if given;
-    returns how many were added. No audit entries: run it before the fleet service starts."""
+    needed), each new one with a daily ``window`` (local ``HH:MM:SS``, seconds) if given:
+    a legacy window row, or with ``care_plans`` an active care plan with one check a night
+    at that time (its checks are planned by the fleet's first sweep). Returns how many were
+    added. No audit entries: run it before the fleet service starts."""
     from sqlmodel import Session, col, select
 
     from fleet.db import init_db, make_engine
@@ -86,7 +92,9 @@ def register_in_db(
             new = [i for i in ids if i not in known]
             session.add_all(Device(id=i, resident_id=resident_for(i)) for i in new)
             session.flush()
-            if window is not None:
+            if window is not None and care_plans:
+                session.add_all(_care_plan(i, window, tz) for i in new)
+            elif window is not None:
                 start, duration = window
                 session.add_all(
                     Window(device_id=i, start_local=start, duration_s=duration, tz=tz) for i in new
@@ -95,3 +103,24 @@ def register_in_db(
     finally:
         engine.dispose()
     return len(new)
+
+
+def _care_plan(device_id: str, window: tuple[str, int], tz: str) -> Any:
+    from fleet.plan_models import CarePlan, PlanStatus
+
+    now = time.time()
+    start, duration = window
+    return CarePlan(
+        resident_id=resident_for(device_id),
+        device_id=device_id,
+        tz=tz,
+        check_times=start,
+        window_s=duration,
+        valid_from=date.today() - timedelta(days=1),
+        consent_ref="bench",
+        consent_date=date.today() - timedelta(days=1),
+        status=PlanStatus.ACTIVE,
+        created_at=now,
+        updated_at=now,
+        activated_at=now - 86400,
+    )

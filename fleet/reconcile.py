@@ -121,13 +121,13 @@ def spans_of(
     windows: Iterable[Window], arming: Iterable[Check], lo: float, hi: float
 ) -> list[Span]:
     """Windows and arming checks overlapping [lo, hi), overlapping ones merged, in order."""
-    first, last = int(lo // DAY_S), int(hi // DAY_S) + 1
+    day0, day1 = int(lo // DAY_S), int(hi // DAY_S) + 1
     raw = [
         Span(start, end)
         for w in windows
         if w.active
         for start, end in _window_day_times(
-            w.start_local, w.duration_s, w.tz, w.weekdays, first, last
+            w.start_local, w.duration_s, w.tz, w.weekdays, day0, day1
         )
         if end > lo and start < hi
     ]
