@@ -41,7 +41,6 @@ from .models import Command, CommandStatus, Connectivity, Device, Look, Visit, W
 from .outbound import Publish
 from .plan_models import Check, Outcome
 from .reconcile import (
-    EDGE_HORIZON_S,
     Policy,
     device_spans,
     next_edge,
@@ -97,7 +96,7 @@ class FleetOps:
         with self.session() as session:
             if device_ids is None:  # a full pass also rolls care-plan checks forward
                 out += checks.ensure_synced(session, self.check_ctx, now)
-            horizon = max(EDGE_HORIZON_S, self.policy.visit_horizon_s, self.policy.preflight_s)
+            horizon = max(self.policy.visit_horizon_s, self.policy.preflight_s)
             loaded = snapshot.load(session, device_ids, now, horizon + 1)
             with audit_batch.buffered(session):
                 for data in loaded.values():

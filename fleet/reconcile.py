@@ -163,6 +163,8 @@ def next_edge(
         for c in span.checks:
             edges += [c.start_at - policy.preflight_s, c.start_at, c.end_at]
             edges.append(c.start_at + policy.arm_confirm_s)
+    if data.later_check is not None:  # its pre-flight: the earliest of its edges
+        edges.append(data.later_check - policy.preflight_s)
     device = data.device
     if device.armed_until is not None and device.reported_state is not LockState.LOCKED:
         edges.append(device.armed_until + LOCK_GRACE_S)

@@ -19,6 +19,9 @@ from fleet import audit, reconcile
 from fleet.batch import Inbound
 from fleet.core import FleetOps
 from fleet.models import AuditEvent, Command, CommandStatus, Device, Window
+from fleet.plan_models import ARMING_STATES, Check, CheckState
+from fleet.reconcile import Policy
+from fleet.snapshot import DeviceData
 from tests.unit.fleet_sim import STEPS, T0, build, new_ops, outcome, react
 from tillsyn_protocol import (
     Ack,
@@ -311,3 +314,43 @@ def test_the_refusal_of_a_resent_copy_of_an_applied_command_is_not_reconciled(
     assert result.touched == ["dev-bb"]
     statuses = ops.run(lambda s: {c.device_id: c.status for c in s.exec(select(Command))})
     assert statuses == {"dev-aa": CommandStatus.APPLIED, "dev-bb": CommandStatus.REFUSED}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    checks=st.lists(
+        st.tuples(
+            st.floats(min_value=-7200, max_value=reconcile.EDGE_HORIZON_S - 1),  # start - now
+            st.sampled_from([60, 600, 1800, 7200, 14400]),  # length
+            st.sampled_from(list(CheckState)),
+        ),
+        max_size=12,
+    ),
+    armed_until=st.one_of(st.none(), st.floats(min_value=-600, max_value=7200)),
+)
+def test_the_next_edge_needs_only_the_first_check_past_the_horizon(
+    checks: list[tuple[float, int, CheckState]], armed_until: float | None
+) -> None:
+    """A pass loads the checks of its horizon (two hours) and only the start of the first
+    later one: the next edge is the one that all checks of the eight-day edge horizon gave."""
+    policy = Policy(arm_confirm_s=60, visit_horizon_s=7200, preflight_s=1800)
+    now = T0
+    device = Device(id="dev-aa", reported_state=LockState.ARMED, armed_until=None)
+    if armed_until is not None:
+        device.armed_until = now + armed_until
+    rows = sorted(
+        (
+            Check(id=i, device_id="dev-aa", start_at=now + at, end_at=now + at + n, state=state)
+            for i, (at, n, state) in enumerate(checks)
+        ),
+        key=lambda c: (c.start_at, c.id),
+    )
+    horizon = now + max(policy.visit_horizon_s, policy.preflight_s) + 1
+    arming = [c for c in rows if c.state in ARMING_STATES]
+    all_of_them = DeviceData(device, checks=list(rows))
+    loaded = DeviceData(device, checks=[c for c in rows if c.start_at < horizon])
+    later = [c.start_at for c in arming if c.start_at >= horizon]
+    loaded.later_check = min(later, default=None)
+    assert reconcile.next_edge(loaded, now, policy, ()) == reconcile.next_edge(
+        all_of_them, now, policy, ()
+    )
