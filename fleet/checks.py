@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from tillsyn_protocol import CameraHealth, CommandKind, LockState
@@ -106,7 +107,11 @@ def check_key(plan_id: int, night: date, agreed: str, kind: CheckKind = CheckKin
 
 
 def nights_to_sync(plan: CarePlan, now: float) -> list[date]:
-    tonight = night_at(datetime.fromtimestamp(now, UTC), load_tz(plan.tz))
+    return _nights_to_sync(plan.tz, now)
+
+
+def _nights_to_sync(tz: str, now: float) -> list[date]:
+    tonight = night_at(datetime.fromtimestamp(now, UTC), load_tz(tz))
     return [tonight - DAY, tonight, tonight + DAY]
 
 
@@ -191,11 +196,18 @@ def sync_plan(session: Session, ctx: Ctx, plan: CarePlan, now: float) -> list[Pu
 
 
 def ensure_synced(session: Session, ctx: Ctx, now: float) -> list[Publish]:
-    """Roll materialisation forward for every active plan (cheap when already done)."""
+    """Roll materialisation forward for every active plan that is behind.
+
+    Only those are loaded: the last night to sync depends on the plan's time zone alone,
+    so it is one query per zone in use. (Every active plan was loaded at every sweep, 10,000
+    rows every 30 s for nothing most of the time.)"""
     out: list[Publish] = []
-    plans = session.exec(select(CarePlan).where(CarePlan.status == PlanStatus.ACTIVE)).all()
-    for plan in plans:
-        if plan.synced_through is None or plan.synced_through < nights_to_sync(plan, now)[-1]:
+    active = CarePlan.status == PlanStatus.ACTIVE
+    for tz in session.exec(select(CarePlan.tz).where(active).distinct()).all():
+        last = _nights_to_sync(tz, now)[-1]
+        behind = or_(col(CarePlan.synced_through).is_(None), col(CarePlan.synced_through) < last)
+        stmt = select(CarePlan).where(active, CarePlan.tz == tz, behind).order_by(col(CarePlan.id))
+        for plan in session.exec(stmt).all():
             out += sync_plan(session, ctx, plan, now)
     return out
 

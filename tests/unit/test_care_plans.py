@@ -9,6 +9,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlmodel import col, select
 
 from fleet import audit, checks, coverage, plans, signing
@@ -18,6 +19,7 @@ from fleet.errors import Conflict
 from fleet.metrics import FleetMetrics
 from fleet.models import AuditEvent, Command, Connectivity, Device, Visit, VisitCause
 from fleet.plan_models import (
+    CarePlan,
     Check,
     CheckKind,
     CheckState,
@@ -458,3 +460,27 @@ def test_unanswered_video_call_counts_as_not_seen(ops: FleetOps) -> None:
     assert any(c.parent_id == first.id for c in checks_now)  # the recheck window
     # Reported twice (a duplicate event): still one outcome, no error.
     assert ops.call_not_answered("dev-p1", row.last_look_id, at(11, 22, 3)) == []
+
+
+def test_a_sweep_rolls_forward_only_the_plans_that_are_behind(ops: FleetOps) -> None:
+    plan_id = make_plan(ops)
+    helsinki = make_plan(ops, resident_id="res-2", device_id="dev-p2", tz="Europe/Helsinki")
+    loaded: list[int | None] = []
+
+    def on_load(plan: CarePlan, _context: object) -> None:
+        loaded.append(plan.id)
+
+    event.listen(CarePlan, "load", on_load)
+    try:
+        tomorrow = at(12, 13)  # the night of the 12th has begun: a night more to plan
+        with ops.session() as s:
+            checks.ensure_synced(s, ops.check_ctx, tomorrow)
+        assert sorted(loaded) == sorted([plan_id, helsinki])
+        for plan in (plan_id, helsinki):  # the night of the 13th is planned now
+            assert max(c.night for c in night_checks(ops, plan)) == date(2027, 1, 13)
+        loaded.clear()
+        with ops.session() as s:  # both up to date: neither is even loaded
+            assert checks.ensure_synced(s, ops.check_ctx, tomorrow + 60) == []
+        assert loaded == []
+    finally:
+        event.remove(CarePlan, "load", on_load)
