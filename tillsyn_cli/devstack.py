@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,21 @@ def up(count: int, root: Path) -> None:
             f"a stack is already described in {root}/stack.json; run `tillsyn dev down` first"
         )
     root = root.absolute()
+    if root.exists() and any(root.iterdir()):
+        # A stopped stack's files (its database knows the dev staff, devices and plans this
+        # one creates): kept for a look, one run back, and this stack starts clean.
+        previous = root.with_name(root.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        root.rename(previous)
+        click.echo(f"dev: the previous stack's files are in {previous}")
+    try:
+        _up(count, root)
+    except BaseException:
+        _stop_all(root, quiet=True)  # nothing half-started is left running
+        raise
+
+
+def _up(count: int, root: Path) -> None:
     pki = init_pki(root / "pki")
     try:
         broker = MosquittoProcess(pki=pki, workdir=root / "broker").start(detached=True)
@@ -314,6 +330,10 @@ Stop everything:  .venv/bin/tillsyn dev down
 )
 def down(root: Path) -> None:
     """Stop the dev stack (agents, fleet, broker)."""
+    click.echo(f"stopped {_stop_all(root)} processes")
+
+
+def _stop_all(root: Path, *, quiet: bool = False) -> int:
     stopped = 0
     for pidfile in sorted((root / "pids").glob("dev-*.pid")):
         stopped += _stop_pid(pidfile)
@@ -321,9 +341,10 @@ def down(root: Path) -> None:
     try:
         stopped += stop_by_pidfile(root / "broker")
     except BrokerError as exc:
-        raise click.ClickException(f"broker: {exc}") from None
+        if not quiet:
+            raise click.ClickException(f"broker: {exc}") from None
     (root / "stack.json").unlink(missing_ok=True)
-    click.echo(f"stopped {stopped} processes")
+    return stopped
 
 
 @dev.command()
