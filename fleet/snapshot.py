@@ -12,18 +12,19 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple, overload
 
 from sqlalchemy import func
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlmodel import Session, col, select
-from sqlmodel.sql.expression import SelectOfScalar
+from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from .models import Command, CommandStatus, Device, Window
 from .plan_models import ARMING_STATES, Check, EscalationStep, StepStatus, VisitLink
 
 CHUNK = 500  # ids per IN list: well below every backend's bound on parameters
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass(slots=True)
@@ -53,13 +54,32 @@ def chunks(ids: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
         yield ids[i : i + size]
 
 
+@overload
 def rows(
     session: Session,
     stmt: SelectOfScalar[T],
     column: InstrumentedAttribute[Any] | Any,
     ids: Sequence[str] | None,
-) -> Iterator[T]:
-    """The statement's rows, for these device ids (``None``: every device)."""
+) -> Iterator[T]: ...
+
+
+@overload
+def rows(
+    session: Session,
+    stmt: Select[*Ts],
+    column: InstrumentedAttribute[Any] | Any,
+    ids: Sequence[str] | None,
+) -> Iterator[tuple[*Ts]]: ...
+
+
+def rows(
+    session: Session,
+    stmt: Any,
+    column: InstrumentedAttribute[Any] | Any,
+    ids: Sequence[str] | None,
+) -> Iterator[Any]:
+    """The statement's rows (objects, or tuples for several columns), for these device ids
+    (``None``: every device)."""
     if ids is None:
         yield from session.exec(stmt)
         return
@@ -100,12 +120,9 @@ def load(
         .where(col(Check.state).in_(ARMING_STATES), Check.start_at >= now + horizon_s)
         .group_by(col(Check.device_id))
     )
-    parts: Iterable[Sequence[str] | None] = [None] if ids is None else chunks(ids)
-    for some in parts:
-        q = later if some is None else later.where(col(Check.device_id).in_(some))
-        for device_id, start in session.exec(q):
-            if device_id is not None and device_id in data:
-                data[device_id].later_check = start
+    for device_id, start in rows(session, later, Check.device_id, ids):
+        if device_id is not None and device_id in data:
+            data[device_id].later_check = start
     pending = select(Command).where(Command.status == CommandStatus.PENDING)
     for cmd in rows(session, pending, Command.device_id, ids):
         if cmd.device_id in data:
@@ -145,12 +162,9 @@ def _step_rows(
         .join(Check, col(Check.id) == col(EscalationStep.check_id))
         .where(EscalationStep.status == StepStatus.OPEN, *where)
     )
-    parts: Iterable[Sequence[str] | None] = [None] if ids is None else chunks(ids)
-    for part in parts:
-        q = stmt if part is None else stmt.where(col(Check.device_id).in_(part))
-        for step, device_id in session.exec(q):
-            if device_id is not None:
-                yield device_id, step
+    for step, device_id in rows(session, stmt, Check.device_id, ids):
+        if device_id is not None:
+            yield device_id, step
 
 
 def _check_order(c: Check) -> tuple[float, int]:
