@@ -16,9 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from fleet.plan_models import CarePlan
 
 __all__ = ["RegistrationError", "register_in_db", "register_over_api", "resident_for"]
 
@@ -105,7 +108,7 @@ def register_in_db(
     return len(new)
 
 
-def _care_plan(device_id: str, window: tuple[str, int], tz: str) -> Any:
+def _care_plan(device_id: str, window: tuple[str, int], tz: str) -> CarePlan:
     from fleet.plan_models import CarePlan, PlanStatus
 
     now = time.time()
