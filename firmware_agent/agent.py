@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,10 +62,13 @@ from .config import AgentConfig
 from .errors import AgentError, CameraError, StoreError
 from .link import (
     ConnectionCloser,
+    SessionFlag,
+    TcpOpener,
     backoff_delay,
     connack_timeout,
     make_client,
     make_ssl_context,
+    open_tls,
 )
 from .renewal import Renewer
 from .reports import Outbox, Reporter
@@ -82,6 +86,9 @@ STOP_TIMEOUT_S = 5.0  # bound on the clean-up when stopping
 PUBLISH_TIMEOUT_S = 5.0
 RING_TIMEOUT_S = 30.0  # video phone: how long a look rings before "not answered"
 _WHY_CHARS = 160
+# A resumed session's subscriptions are asked for again this long after the connect,
+# jittered: off the reconnect storm's critical path (see _resubscribe_later).
+RESUBSCRIBE_AFTER_S = (60.0, 600.0)
 
 
 class Agent:
@@ -97,10 +104,13 @@ class Agent:
         camera: CameraDriver | None = None,
         clock: ClockSource | None = None,
         client_factory: ClientFactory = make_client,
+        tcp_opener: TcpOpener | None = None,
     ) -> None:
         self.config = config
-        # The simulator (firmware_agent/sim.py) wraps the MQTT client to inject faults.
+        # The simulator (firmware_agent/sim.py) routes the TCP connection through its
+        # fault-injecting relay.
         self._make_client = client_factory
+        self._open_tcp = tcp_opener
         self._clock: ClockSource = clock or SystemClock(
             require_ntp_sync=config.clock.require_ntp_sync
         )
@@ -128,6 +138,10 @@ class Agent:
         self._camera_health = CameraHealth.OK
         self._camera_look: tuple[str, float, str] | None = None  # (look_id, mono, staff)
         self._client: aiomqtt.Client | None = None
+        # This agent's subscriptions are in the broker's session for this device: made
+        # (and granted) since the broker last answered a CONNECT without that session.
+        self._subscribed = False
+        self._resubscribe: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._deadline_changed = asyncio.Event()
         self._stop_requested = asyncio.Event()
@@ -481,29 +495,37 @@ class Agent:
                 will_payload=self._reports.status("offline"),
             )
             closer = ConnectionCloser(client)
+            session = SessionFlag(client)
             connected = cancelled = False
-            # The session set-up (CONNACK, then the SUBACK and the PUBACK of "online") gets
-            # its own, longer bound (see link.connack_timeout): a broker that has just
-            # restarted answers each of them late, and giving up on the SUBACK throws away a
-            # handshake it has already paid for. Later round trips keep the client's own.
+            # The session set-up (TLS handshake, CONNACK, then the SUBACK and the PUBACK of
+            # "online") gets its own, longer bound (see link.connack_timeout): a broker that
+            # has just restarted answers each of them late, and giving up on the SUBACK throws
+            # away a handshake it has already paid for. Later round trips keep the client's.
             round_trip_timeout = client.timeout
             setup_timeout = connack_timeout(broker.keepalive_s)
             client.timeout = setup_timeout
             try:
+                conn = await open_tls(
+                    self._tls, broker.host, broker.port, limit_s=setup_timeout, tcp=self._open_tcp
+                )
+                closer.adopt(conn)
                 async with client:
                     connected, attempt = True, 0
-                    await self._on_connect(client, setup_timeout)
+                    await self._on_connect(client, setup_timeout, resumed=session.present)
                     client.timeout = round_trip_timeout
                     async for message in client.messages:
                         await self._on_message(message)
                 why = "connection closed"
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, OSError) as exc:  # OSError: TCP or TLS (open_tls)
                 why = str(exc) or type(exc).__name__
             except asyncio.CancelledError:
                 cancelled = True
                 raise
             finally:
                 self._client = None
+                if self._resubscribe is not None:
+                    self._resubscribe.cancel()
+                    self._resubscribe = None
                 # Whatever ended this attempt (no CONNACK in time, a refused CONNACK, a TLS
                 # or socket error, a lost connection, cancellation), its connection is closed
                 # before the next attempt: aiomqtt leaves it open in some of these cases, and
@@ -524,10 +546,24 @@ class Agent:
             )
             await asyncio.sleep(delay)
 
-    async def _on_connect(self, client: aiomqtt.Client, setup_timeout: float) -> None:
-        granted = await client.subscribe(self._topics[Channel.CMD], qos=1, timeout=setup_timeout)
-        if not all(_granted(code) for code in granted):
-            raise aiomqtt.MqttError("broker refused the subscription to cmd")
+    async def _on_connect(
+        self, client: aiomqtt.Client, setup_timeout: float, *, resumed: bool
+    ) -> None:
+        # A resumed session still holds the subscriptions this agent made in it: asking
+        # again costs a round trip per device, 10,000 of them after a broker restart.
+        subscribe = not (resumed and self._subscribed)
+        if subscribe:
+            self._subscribed = False
+            granted = await client.subscribe(
+                self._topics[Channel.CMD], qos=1, timeout=setup_timeout
+            )
+            if not all(_granted(code) for code in granted):
+                raise aiomqtt.MqttError("broker refused the subscription to cmd")
+        else:
+            self.counters["sessions_resumed"] += 1
+            self._resubscribe = asyncio.create_task(
+                self._resubscribe_later(client), name=f"{self.config.device_id}:resubscribe"
+            )
         await client.publish(
             self._topics[Channel.STATUS],
             self._reports.status("online"),
@@ -540,8 +576,32 @@ class Agent:
         self._outbox.ready.set()
         self.counters["connects"] += 1
         if self._renewer is not None:
-            await self._renewer.on_connect(client)
+            await self._renewer.on_connect(client, subscribe=subscribe)
+        self._subscribed = True
         log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
+
+    async def _resubscribe_later(self, client: aiomqtt.Client) -> None:
+        """Ask a resumed session for its subscriptions again, once a storm is likely over.
+
+        Belt and braces: a broker that crashed can restore a session saved between the
+        CONNACK and the SUBACK that created it (a Mosquitto autosave in that window), so
+        "session present" without the subscription is possible, if unlikely; without
+        this the device would never see a command again. MQTT 5 replaces an identical
+        subscription without losing messages.
+        """
+        await asyncio.sleep(random.uniform(*RESUBSCRIBE_AFTER_S))
+        try:
+            granted = await client.subscribe(self._topics[Channel.CMD], qos=1)
+            if self._renewer is not None:
+                await self._renewer.subscribe(client)
+        except aiomqtt.MqttError as exc:  # the session loop sees the connection's end
+            log.debug("resubscribe failed: %s", str(exc)[:_WHY_CHARS])
+            return
+        if all(_granted(code) for code in granted):
+            self.counters["resubscribed"] += 1
+        else:
+            self.counters["resubscribe_refused"] += 1
+            log.warning("broker refused the subscription to cmd on a resumed session")
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         if self._stop_requested.is_set():

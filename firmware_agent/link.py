@@ -9,11 +9,15 @@ away. The Last Will is a retained ``status`` "offline".
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import random
+import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 from aiomqtt.client import ProtocolVersion
@@ -26,12 +30,17 @@ from .errors import ConfigError
 __all__ = [
     "CLIENT_TIMEOUT_S",
     "CONNACK_TIMEOUT_S",
+    "TCP_CONNECT_TIMEOUT_S",
     "ConnectionCloser",
+    "SessionFlag",
+    "TcpOpener",
     "backoff_delay",
     "close_connection",
     "connack_timeout",
     "make_client",
     "make_ssl_context",
+    "open_tcp",
+    "open_tls",
 ]
 
 # Bound on every broker round trip once connected (SUBACK, PUBACK, DISCONNECT).
@@ -39,6 +48,13 @@ CLIENT_TIMEOUT_S = 5.0
 
 # Upper bound on the wait for CONNACK; see connack_timeout().
 CONNACK_TIMEOUT_S = 30.0
+
+# Bound on the TCP connect: a dead or unreachable broker is noticed here, quickly. The
+# TLS handshake that follows waits as long as for CONNACK (see connack_timeout).
+TCP_CONNECT_TIMEOUT_S = 5.0
+
+# Opens the TCP connection to the broker (non-blocking); the simulator's relay is one.
+TcpOpener = Callable[[], Awaitable[socket.socket]]
 
 log = logging.getLogger(__name__)
 _mqtt_log = logging.getLogger(f"{__name__}.paho")
@@ -57,26 +73,103 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("tls.cert_file", f"cannot load certificate and key: {exc}") from None
-    ctx.sslsocket_class = _ClosingSSLSocket
     return ctx
 
 
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """An SSLSocket that closes itself when its handshake fails.
+async def open_tcp(host: str, port: int, *, limit_s: float) -> socket.socket:
+    """A connected, non-blocking TCP socket to ``host:port``, each address in turn (as
+    ``socket.create_connection``), on the event loop."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(limit_s):
+            return await _connect_any(loop, host, port)
+    except TimeoutError:
+        raise TimeoutError(f"TCP connect timed out after {limit_s:g} s") from None
 
-    paho-mqtt 2.2.0 wraps the TCP socket and calls ``do_handshake()`` in a local
-    variable of ``_ssl_wrap_socket``; when the handshake fails (a certificate refused, a
-    broker that does not speak TLS, a handshake timeout) the exception propagates and the
-    connection is only closed whenever the garbage collector gets to the socket, i.e.
-    later, or never while the exception's traceback is kept. No one else can close it.
-    """
 
-    def do_handshake(self, block: bool = False) -> None:
+async def _connect_any(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """The first address of ``host`` that accepts a connection."""
+    try:  # a literal address needs no resolver (asyncio's runs in a thread)
+        ip = ipaddress.ip_address(host)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        addrs: list[tuple[socket.AddressFamily, tuple[object, ...]]] = [(family, (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addrs = [(info[0], info[4]) for info in infos]
+    error: OSError = OSError(f"cannot resolve {host}")
+    for family, addr in addrs:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            super().do_handshake(block)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
         except BaseException:
-            self.close()
+            sock.close()
             raise
+    raise error
+
+
+async def open_tls(
+    tls: ssl.SSLContext, host: str, port: int, *, limit_s: float, tcp: TcpOpener | None = None
+) -> ssl.SSLSocket:
+    """The connection paho would open (TCP, then the TLS handshake, the broker verified
+    by ``tls``), opened on the event loop instead of in paho's blocking connect.
+
+    paho's connect runs in aiomqtt's executor thread, handshake included. A device does
+    not mind; the simulator's thousands of agents did: 32 threads per process holding
+    and waiting for the GIL starved its event loop during a reconnect storm, which then
+    sent the CONNECTs of finished handshakes seconds late (the broker accepted ~450 TCP
+    connections/s but completed ~250 sessions/s for the first 10 s). Closed on any
+    failure, cancellation included; raises OSError (ssl.SSLError, TimeoutError).
+    """
+    sock = await (tcp() if tcp is not None else open_tcp(host, port, limit_s=TCP_CONNECT_TIMEOUT_S))
+    try:
+        conn = tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(limit_s):
+            while True:
+                try:
+                    conn.do_handshake()
+                    return conn
+                except ssl.SSLWantReadError:
+                    await _ready(loop, conn.fileno(), write=False)
+                except ssl.SSLWantWriteError:
+                    await _ready(loop, conn.fileno(), write=True)
+    except TimeoutError:
+        conn.close()
+        raise TimeoutError(f"TLS handshake timed out after {limit_s:g} s") from None
+    except BaseException:
+        conn.close()
+        raise
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Wait until ``fd`` is readable (or writable)."""
+    waiter = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await waiter
+    finally:
+        # Removed before anyone else registers the descriptor (aiomqtt, once paho has it).
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def backoff_delay(
@@ -100,17 +193,18 @@ def backoff_delay(
 
 
 def connack_timeout(keepalive_s: float) -> float:
-    """How long to wait for CONNACK once the TCP and TLS handshakes are done.
+    """How long to wait for the TLS handshake, then for CONNACK, once TCP is connected.
 
-    Those handshakes are bounded on their own (paho's connect timeout, 5 s per blocking
-    socket operation), so a dead or unreachable broker is noticed there, quickly. A
-    broker that completed TLS and has not answered CONNECT yet is alive but behind: it
-    works through a backlog of CONNECTs, and giving up early only adds to it (the broker
-    still processes the abandoned CONNECT, then the retry, a session takeover each
-    time). So wait much longer than one round trip, up to the keepalive interval: paho
-    itself drops a connection that has received nothing for that long, and the MQTT 5
-    keepalive is already this device's "how long can the broker be silent" setting
-    (config: at least 5 s, the default 30 s).
+    The TCP connect is bounded on its own (TCP_CONNECT_TIMEOUT_S), so a dead or
+    unreachable broker is noticed there, quickly. A broker that accepted the connection
+    and has not finished the TLS handshake or answered CONNECT yet is alive but behind:
+    it works through a backlog of handshakes and CONNECTs, and giving up early only adds
+    to it (the broker still processes the abandoned CONNECT, then the retry, a session
+    takeover each time; in a reconnect storm 56 of 10,000 devices gave up 10 s into their
+    TLS handshakes). So wait much longer than one round trip, up to the keepalive
+    interval: paho itself drops a connection that has received nothing for that long,
+    and the MQTT 5 keepalive is already this device's "how long can the broker be
+    silent" setting (config: at least 5 s, the default 30 s).
     """
     return min(CONNACK_TIMEOUT_S, keepalive_s)
 
@@ -136,16 +230,19 @@ def close_connection(client: aiomqtt.Client) -> None:
 
 
 class ConnectionCloser:
-    """Closes one client's connection when its attempt ends, cancellation included.
+    """Hands one attempt's connection to paho and closes it when the attempt ends,
+    cancellation included.
 
-    aiomqtt runs paho's blocking connect (TCP, TLS handshake, CONNECT) in an executor
-    thread; cancelling ``__aenter__`` does not stop that thread, which then opens a
-    connection no one owns. Its socket callbacks (add the reader and writer, start the
-    misc task) reach the event loop through ``call_soon_threadsafe``, possibly after the
-    cancellation, so closing at once could run before them and leave a reader on a
-    closed (or reused) file descriptor. After a cancellation the close is therefore
-    queued behind them: by the connect thread when it returns, or, if it already has,
-    with ``call_soon``. Create it before entering the client, on the event loop.
+    The TCP and TLS handshakes run on the event loop (open_tls); :meth:`adopt` makes
+    paho's connect take that connection instead of opening one. aiomqtt still runs
+    paho's connect (now: set up the socket, queue CONNECT) in an executor thread, and
+    cancelling ``__aenter__`` does not stop that thread. Its socket callbacks (add the
+    reader and writer, start the misc task) reach the event loop through
+    ``call_soon_threadsafe``, possibly after the cancellation, so closing at once could
+    run before them and leave a reader on a closed (or reused) file descriptor. After a
+    cancellation the close is therefore queued behind them: by the connect thread when
+    it returns, or, if it already has, with ``call_soon``. A connection paho never took
+    is closed here. Create it before entering the client, on the event loop.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
@@ -154,6 +251,7 @@ class ConnectionCloser:
         self._lock = threading.Lock()
         self._returned = False
         self._abandoned = False
+        self._unclaimed: socket.socket | None = None
         connect = client._client_connect
 
         def connect_then_check() -> None:
@@ -162,35 +260,73 @@ class ConnectionCloser:
             finally:
                 with self._lock:
                     self._returned = True
+                    self._close_unclaimed()  # paho failed before taking it
                     if self._abandoned:
                         self._loop.call_soon_threadsafe(close_connection, client)
 
         client._client_connect = connect_then_check  # type: ignore[method-assign]
 
+    def adopt(self, sock: ssl.SSLSocket) -> None:
+        """paho's connect takes ``sock`` (connected, TLS done) instead of opening one."""
+        self._unclaimed = sock
+
+        def take() -> ssl.SSLSocket:  # paho's _create_socket, in the connect thread
+            with self._lock:
+                if self._abandoned or self._unclaimed is None:
+                    raise OSError("connection attempt abandoned")
+                self._unclaimed = None
+            return sock
+
+        self._client._client._create_socket = take  # type: ignore[method-assign]
+
+    def _close_unclaimed(self) -> None:
+        sock, self._unclaimed = self._unclaimed, None
+        if sock is not None:
+            sock.close()
+
     def close(self, *, cancelled: bool) -> None:
         if not cancelled:
             # The connect thread's callbacks already ran: __aenter__ awaited its result.
+            with self._lock:
+                self._close_unclaimed()
             close_connection(self._client)
             return
         with self._lock:
             self._abandoned = True
+            self._close_unclaimed()  # paho will not take it now
             if not self._returned:
                 return  # the connect thread closes when it returns (if it ever runs)
         self._loop.call_soon(close_connection, self._client)
 
 
+class SessionFlag:
+    """CONNACK's session-present flag for one client (aiomqtt 2.5 does not pass it on):
+    whether the broker still held this device's session, subscriptions included. Set
+    before ``async with client`` returns."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.present = False
+        paho = client._client
+        inner = paho.on_connect
+
+        def on_connect(*args: Any) -> None:  # (client, userdata, flags, reason, properties)
+            self.present = bool(args[2].session_present)
+            if inner is not None:
+                inner(*args)
+
+        paho.on_connect = on_connect
+
+
 def make_client(
     config: AgentConfig, tls: ssl.SSLContext, *, will_topic: str, will_payload: bytes
 ) -> aiomqtt.Client:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = config.broker.session_expiry_s
     return aiomqtt.Client(
         config.broker.host,
         config.broker.port,
         identifier=config.device_id,
         protocol=ProtocolVersion.V5,
         clean_start=False,
-        properties=props,
+        properties=_connect_properties(config.broker.session_expiry_s),
         keepalive=config.broker.keepalive_s,
         tls_context=tls,
         will=aiomqtt.Will(will_topic, will_payload, qos=1, retain=True),
@@ -198,3 +334,11 @@ def make_client(
         logger=_mqtt_log,
         max_queued_incoming_messages=1000,
     )
+
+
+@functools.cache
+def _connect_properties(session_expiry_s: int) -> Properties:
+    """CONNECT's properties (paho only reads them): built once, not per attempt."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    return props

@@ -94,8 +94,10 @@ class Renewer:
 
     # --- connection hooks ----------------------------------------------------------------
 
-    async def on_connect(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self._cert_topic, qos=1)
+    async def on_connect(self, client: aiomqtt.Client, *, subscribe: bool = True) -> None:
+        """``subscribe=False``: the broker resumed a session that has the subscription."""
+        if subscribe:
+            await self.subscribe(client)
         if not self.identity.confirmed:
             confirm = RenewConfirm(serial=self.identity.serial)
             await client.publish(
@@ -104,6 +106,9 @@ class Renewer:
             self.identity = self.store.confirmed(self.identity)
             log.info("renewed certificate %s confirmed to the fleet", self.identity.serial)
         self._wake.set()
+
+    async def subscribe(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self._cert_topic, qos=1)
 
     async def on_message(self, payload: bytes) -> None:
         try:

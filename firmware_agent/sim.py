@@ -39,7 +39,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field
 
 from tillsyn_protocol import CameraHealth
@@ -47,7 +46,6 @@ from tillsyn_protocol import CameraHealth
 from .agent import Agent
 from .camera import SimulatedCamera
 from .config import AgentConfig
-from .link import make_client
 from .sim_faults import DriftClock, Link
 
 __all__ = ["Fault", "SimDevice", "SimSettings", "Simulator", "device_ids", "raise_nofile"]
@@ -172,7 +170,10 @@ class SimDevice:
             self._past_counters.update(self.agent.counters)
         try:
             self.agent = Agent(
-                self.config, camera=self.camera, clock=self.clock, client_factory=self._client
+                self.config,
+                camera=self.camera,
+                clock=self.clock,
+                tcp_opener=None if self.link is None else self.link.open,
             )
         except Exception as exc:  # e.g. a corrupt seq store: this device stays off
             self.crashed = True
@@ -186,15 +187,6 @@ class SimDevice:
         if not task.cancelled() and task.exception() is not None:
             self.crashed = True
             log.error("device %s agent failed: %r", self.id, task.exception())
-
-    def _client(
-        self, config: AgentConfig, tls: Any, *, will_topic: str, will_payload: bytes
-    ) -> aiomqtt.Client:
-        client = make_client(config, tls, will_topic=will_topic, will_payload=will_payload)
-        if self.link is not None:
-            # paho's TCP connect, replaced on this client instance only: via the relay.
-            client._client._create_socket_connection = self.link.connect  # type: ignore[method-assign]
-        return client
 
     async def halt(self) -> None:
         """Stop the agent's work at once: no goodbye, no clean DISCONNECT reaches the broker

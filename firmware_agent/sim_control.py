@@ -45,9 +45,13 @@ log = logging.getLogger(__name__)
 
 _FAULTS = {f.value: f for f in Fault}
 _COMMANDS = {"status", "list", "stop", "recover", *_FAULTS}
-# TLS handshakes of reconnecting devices run in aiomqtt's executor threads.
-_CONNECT_THREADS = 32
+# aiomqtt runs paho's connect in an executor thread; the TCP and TLS handshakes are done
+# by then (link.open_tls, on the event loop), so it only queues CONNECT: a few will do.
+_CONNECT_THREADS = 4
 _REPLY_TIMEOUT_S = 120.0
+# Middle-generation collections between full ones once the agents are frozen (CPython's
+# default 10; see LocalBackend.wait_ready).
+_FULL_GC_EVERY = 1000
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,13 @@ class LocalBackend:
         # A device runs one agent; thousands in one heap made full collections cost the
         # simulator more CPU than its TLS handshakes in a reconnect storm (perf: ~45 %).
         gc.freeze()
+        # CPython runs a full collection once the objects that survived young collections
+        # since the last one reach a quarter of those that survived it; frozen objects do
+        # not count, so after the freeze full collections came every ~70,000 allocations,
+        # each scanning everything made since (a reconnect storm's new clients): 18 % of a
+        # simulator process's CPU in a storm (py-spy --native). Make them rare again.
+        gen0, gen1, _ = gc.get_threshold()
+        gc.set_threshold(gen0, gen1, _FULL_GC_EVERY)
         return self.sim.status()
 
     async def execute(self, cmd: Command) -> dict[str, Any]:

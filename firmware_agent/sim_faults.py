@@ -1,8 +1,9 @@
 """What the simulator's faults act on: a per-device network link, and a clock that drifts.
 
 Each simulated device's MQTT connection goes through an in-process relay (unless the
-simulator runs ``--direct``): paho's TCP connect is replaced by a socket pair whose other
-end the event loop copies to and from a real TCP connection to the broker. TLS stays end
+simulator runs ``--direct``): the agent's TCP connect (link.TcpOpener) is replaced by a
+socket pair whose other end the event loop copies to and from a real TCP connection to
+the broker. TLS stays end
 to end (the relay copies ciphertext), and a fault is a switch on the relay:
 
 - ``pause``: nothing crosses either way and nothing is closed, so only keepalives can
@@ -25,6 +26,8 @@ import time
 from dataclasses import dataclass
 
 from tillsyn_protocol import Clock
+
+from .link import open_tcp
 
 __all__ = ["DriftClock", "Link"]
 
@@ -60,27 +63,23 @@ class Link:
     def connections(self) -> int:
         return len(self._relays)
 
-    def connect(self) -> socket.socket:
-        """paho's ``_create_socket_connection``: runs in aiomqtt's executor thread."""
+    async def open(self) -> socket.socket:
+        """The agent's TCP connection (link.TcpOpener): the device's end of a socket pair
+        whose other end is relayed to a real TCP connection to the broker."""
         if self.down:
             raise OSError(errno.ENETUNREACH, "network is unreachable (simulated)")
-        upstream = socket.create_connection(self._addr, timeout=self._timeout_s)
-        device_end, inner = socket.socketpair()
+        upstream = await open_tcp(*self._addr, limit_s=self._timeout_s)
         try:
-            attach = asyncio.run_coroutine_threadsafe(self._attach(inner, upstream), self._loop)
-            attach.result(self._timeout_s)
+            device_end, inner = socket.socketpair()
         except BaseException:
-            for sock in (device_end, inner, upstream):
-                sock.close()
+            upstream.close()
             raise
-        return device_end
-
-    async def _attach(self, inner: socket.socket, upstream: socket.socket) -> None:
+        device_end.setblocking(False)
         inner.setblocking(False)
-        upstream.setblocking(False)
         relay = _Relay(inner, upstream)
         self._relays.add(relay)
         relay.task = asyncio.create_task(self._relay(relay))
+        return device_end
 
     async def _relay(self, relay: _Relay) -> None:
         pumps = [

@@ -18,6 +18,7 @@ import pytest
 from broker.launcher import MosquittoProcess
 from broker.pki import PkiPaths
 from firmware_agent import Agent, AgentConfig, SimulatedCamera
+from firmware_agent import agent as agent_module
 from tests.integration.agent_helpers import (
     FleetProbe,
     Received,
@@ -408,6 +409,80 @@ async def test_broker_killed_while_armed_relocks_on_its_own_and_reports_later(
             assert status is not None
             assert (status["status"], status["boot_id"]) == ("online", agent.boot_id)
         assert agent.counters["connects"] == 2
+
+
+async def _restart_and_arm(
+    device: Device, agent: Agent, broker: MosquittoProcess, *, keep_sessions: bool
+) -> None:
+    """Restart the broker under the connected ``agent`` (SIGTERM saves its sessions;
+    SIGKILL before any autosave loses them), wait for the reconnect, then check that a
+    command sent afterwards still reaches the device."""
+    async with running(agent):
+        await connected(agent)
+        if keep_sessions:
+            await asyncio.to_thread(broker.restart)
+        else:
+            broker.kill()
+            await asyncio.to_thread(broker.start)
+        await wait_until(lambda: agent.counters["connects"] == 2, timeout=10, what="reconnect")
+        async with device.probe() as fleet:
+            now = time.time()
+            await fleet.send(device.signer.arm(now, now + 60))
+            ack = await fleet.wait_for(Channel.ACK, timeout=8)
+            assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+
+
+async def test_a_resumed_session_is_not_subscribed_again_and_still_gets_commands(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    own_broker: MosquittoProcess,
+) -> None:
+    """After a broker restart that kept the sessions, CONNACK says "session present" and
+    the agent skips the SUBSCRIBE (one round trip per device in a reconnect storm)."""
+    device = Device(tmp_path, pki_dir, device_cert, own_broker)
+    agent = device.agent()
+    await _restart_and_arm(device, agent, own_broker, keep_sessions=True)
+    assert agent.counters["sessions_resumed"] == 1
+    assert agent.counters["resubscribed"] == 0  # not yet: that waits for the storm to pass
+
+
+async def test_a_session_the_broker_lost_is_subscribed_again(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    own_broker: MosquittoProcess,
+) -> None:
+    """A broker killed before it saved the session answers the reconnect with no session:
+    the agent subscribes again at once, or it would never see a command again."""
+    device = Device(tmp_path, pki_dir, device_cert, own_broker)
+    agent = device.agent()
+    await _restart_and_arm(device, agent, own_broker, keep_sessions=False)
+    assert agent.counters["sessions_resumed"] == 0
+
+
+async def test_a_resumed_session_is_subscribed_again_later(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    own_broker: MosquittoProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Belt and braces: a resumed session is asked for its subscription again once the
+    storm is likely over (here after 0.2-0.3 s), without losing a command."""
+    monkeypatch.setattr(agent_module, "RESUBSCRIBE_AFTER_S", (0.2, 0.3))
+    device = Device(tmp_path, pki_dir, device_cert, own_broker)
+    agent = device.agent()
+    async with running(agent):
+        await connected(agent)
+        await asyncio.to_thread(own_broker.restart)
+        await wait_until(lambda: agent.counters["resubscribed"] == 1, timeout=10, what="again")
+        assert agent.counters["sessions_resumed"] == 1
+        async with device.probe() as fleet:
+            now = time.time()
+            await fleet.send(device.signer.arm(now, now + 60))
+            ack = await fleet.wait_for(Channel.ACK, timeout=8)
+            assert (ack["result"], ack["state"]) == ("applied", "ARMED")
 
 
 async def test_sigkilled_agent_process_leaves_offline_via_last_will(device: Device) -> None:

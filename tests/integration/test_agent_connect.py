@@ -22,7 +22,7 @@ import pytest
 
 import firmware_agent.agent as agent_module
 import firmware_agent.link as link_module
-from broker.pki import PkiPaths
+from broker.pki import PkiPaths, init_pki
 from firmware_agent import Agent, AgentConfig, SimulatedCamera
 from tests.integration.agent_helpers import (
     Signer,
@@ -304,3 +304,91 @@ async def test_a_slow_suback_after_connack_does_not_throw_the_session_away(
             assert len(broker.accepted) == 1  # the first connection, kept
             assert agent.counters["disconnects"] == agent.counters["connect_failures"] == 0
             assert 0x80 in broker.packets
+
+
+# --- open_tls: the TCP and TLS handshakes on the event loop --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def tls_server(pki: PkiPaths, host: str) -> AsyncIterator[tuple[int, list[int]]]:
+    """A TLS server presenting ``pki``'s broker certificate; yields (port, open count)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(pki.broker_cert), str(pki.broker_key))
+    open_now = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_now[0] += 1
+        try:
+            while await reader.read(4096):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            open_now[0] -= 1
+            writer.transport.abort()
+
+    server = await asyncio.start_server(handle, host, 0, ssl=ctx)
+    try:
+        yield server.sockets[0].getsockname()[1], open_now
+    finally:
+        server.close()
+
+
+def client_context(
+    pki: PkiPaths, device_cert: Callable[[str], tuple[Path, Path]]
+) -> ssl.SSLContext:
+    cert, key = device_cert(unique_device_id())
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+async def test_open_tls_connects_by_name_and_by_address(
+    pki_dir: PkiPaths, device_cert: Callable[[str], tuple[Path, Path]]
+) -> None:
+    tls = client_context(pki_dir, device_cert)
+    async with tls_server(pki_dir, "127.0.0.1") as (port, open_now):
+        for host in ("localhost", "127.0.0.1"):  # the resolver, then a literal address
+            conn = await link_module.open_tls(tls, host, port, limit_s=5)
+            assert conn.version() is not None and conn.getblocking() is False
+            conn.close()
+        await wait_until(lambda: open_now[0] == 0, timeout=3, what="closed")
+
+
+@pytest.mark.parametrize("case", ["foreign_ca", "wrong_host"])
+async def test_open_tls_refuses_a_broker_it_cannot_verify_and_closes(
+    case: str,
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+) -> None:
+    """A broker certificate from another CA, or one not issued for the host dialled
+    (127.0.0.2 is loopback too, but not in the certificate): refused, nothing left open."""
+    server_pki = init_pki(tmp_path / "other") if case == "foreign_ca" else pki_dir
+    host = "127.0.0.1" if case == "foreign_ca" else "127.0.0.2"
+    tls = client_context(pki_dir, device_cert)
+    async with tls_server(server_pki, host) as (port, open_now):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await link_module.open_tls(tls, host, port, limit_s=5)
+        await wait_until(lambda: open_now[0] == 0, timeout=3, what="closed")
+
+
+async def test_open_tls_gives_up_on_a_silent_server_and_closes() -> None:
+    """TCP accepted, no TLS answer: a TimeoutError naming the limit, the socket closed."""
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        tls = ssl.create_default_context()
+        with pytest.raises(TimeoutError, match=r"TLS handshake timed out after 0\.3 s"):
+            await link_module.open_tls(tls, "127.0.0.1", port, limit_s=0.3)
+        async with asyncio.timeout(3):
+            await closed.wait()
+    finally:
+        server.close()
