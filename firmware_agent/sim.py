@@ -137,6 +137,9 @@ def agent_config(settings: SimSettings, device_id: str) -> AgentConfig:
     )
 
 
+_STATUS_COUNTERS = ("connects", "disconnects", "connect_failures")
+
+
 class SimDevice:
     """One simulated device: its agent (rebuilt on every boot), camera, clock and link."""
 
@@ -158,11 +161,10 @@ class SimDevice:
     def connected(self) -> bool:
         return self.down is None and self.agent is not None and self.agent.connected
 
-    def counters(self) -> Counter[str]:
-        now = Counter(self._past_counters)
-        if self.agent is not None:
-            now.update(self.agent.counters)
-        return now
+    def count(self, key: str) -> int:
+        """One of the agents' counters, summed over this device's boots."""
+        now = self._past_counters[key]
+        return now if self.agent is None else now + self.agent.counters[key]
 
     def boot(self) -> None:
         """Start a fresh agent, as a device does after power-on (it boots LOCKED)."""
@@ -287,9 +289,9 @@ class Simulator:
     def status(self) -> dict[str, Any]:
         devices = self.devices.values()
         down = Counter(d.down.value for d in devices if d.down is not None)
-        counters: Counter[str] = Counter()
-        for d in devices:
-            counters.update(d.counters())
+        # Only the counters reported: a benchmark polls this several times a second during
+        # a storm, and merging every agent's whole Counter took 8 ms per 2,500 devices.
+        counters = {k: sum(d.count(k) for d in devices) for k in _STATUS_COUNTERS}
         return {
             "devices": len(self.devices),
             "booted": sum(d.boots > 0 for d in devices),
