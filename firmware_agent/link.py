@@ -17,10 +17,10 @@ import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
-from aiomqtt.client import ProtocolVersion
+from aiomqtt.client import ProtocolVersion, _set_client_socket_defaults
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,9 +49,12 @@ CLIENT_TIMEOUT_S = 5.0
 # Upper bound on the wait for CONNACK; see connack_timeout().
 CONNACK_TIMEOUT_S = 30.0
 
-# Bound on the TCP connect: a dead or unreachable broker is noticed here, quickly. The
-# TLS handshake that follows waits as long as for CONNACK (see connack_timeout).
-TCP_CONNECT_TIMEOUT_S = 5.0
+# Bound on the TCP connect: a dead or unreachable broker is noticed here, quickly. Long
+# enough for the kernel's third SYN retransmission (after 1 + 2 + 4 s): a broker whose
+# accept queue overflows in a reconnect storm drops SYNs, and at 5 s a few devices in
+# 10,000 gave up on connections it then accepted. The TLS handshake that follows waits
+# as long as for CONNACK (see connack_timeout).
+TCP_CONNECT_TIMEOUT_S = 10.0
 
 # Opens the TCP connection to the broker (non-blocking); the simulator's relay is one.
 TcpOpener = Callable[[], Awaitable[socket.socket]]
@@ -234,15 +237,15 @@ class ConnectionCloser:
     cancellation included.
 
     The TCP and TLS handshakes run on the event loop (open_tls); :meth:`adopt` makes
-    paho's connect take that connection instead of opening one. aiomqtt still runs
-    paho's connect (now: set up the socket, queue CONNECT) in an executor thread, and
-    cancelling ``__aenter__`` does not stop that thread. Its socket callbacks (add the
-    reader and writer, start the misc task) reach the event loop through
-    ``call_soon_threadsafe``, possibly after the cancellation, so closing at once could
-    run before them and leave a reader on a closed (or reused) file descriptor. After a
-    cancellation the close is therefore queued behind them: by the connect thread when
-    it returns, or, if it already has, with ``call_soon``. A connection paho never took
-    is closed here. Create it before entering the client, on the event loop.
+    paho's connect take that connection instead of opening one. paho's connect then runs
+    on the event loop too (``_Client``), or, for a plain ``aiomqtt.Client``, in aiomqtt's
+    executor thread, which cancelling ``__aenter__`` does not stop. Either way its socket
+    callbacks (add the reader and writer, start the misc task) reach the event loop
+    through ``call_soon_threadsafe``, possibly after a cancellation, so closing at once
+    could run before them and leave a reader on a closed (or reused) file descriptor.
+    After a cancellation the close is therefore queued behind them: by the connect thread
+    when it returns, or, if it already has, with ``call_soon``. A connection paho never
+    took is closed here. Create it before entering the client, on the event loop.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
@@ -317,10 +320,44 @@ class SessionFlag:
         paho.on_connect = on_connect
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, entered without its executor thread.
+
+    aiomqtt 2.5.1 runs paho's connect in the loop's executor because it blocks on the TCP
+    and TLS handshakes. The agent opens the connection itself (open_tls) and hands it
+    over (ConnectionCloser.adopt), so paho's connect only sets the socket up and queues
+    CONNECT: run here, on the event loop, it saves a thread hop per attempt (in the
+    simulator's reconnect storm ~10 % of its event loops' time went into waking executor
+    threads). The rest is aiomqtt's ``__aenter__`` as it is.
+    """
+
+    async def __aenter__(self) -> Self:
+        if "_create_socket" not in vars(self._client):
+            raise RuntimeError("no connection adopted: open it with open_tls first")
+        if self._lock.locked():
+            raise aiomqtt.MqttReentrantError("the client is already entered")
+        await self._lock.acquire()
+        try:
+            self._client_connect()
+            _set_client_socket_defaults(self._client.socket(), self._socket_options)
+        except OSError as exc:
+            self._lock.release()
+            raise aiomqtt.MqttError(str(exc)) from None
+        try:
+            await self._wait_for(self._connected, timeout=None)
+        except aiomqtt.MqttError:
+            self._lock.release()
+            self._connected = asyncio.get_running_loop().create_future()
+            raise
+        if self._disconnected.done():
+            self._disconnected = asyncio.get_running_loop().create_future()
+        return self
+
+
 def make_client(
     config: AgentConfig, tls: ssl.SSLContext, *, will_topic: str, will_payload: bytes
 ) -> aiomqtt.Client:
-    return aiomqtt.Client(
+    return _Client(
         config.broker.host,
         config.broker.port,
         identifier=config.device_id,

@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 _FAULTS = {f.value: f for f in Fault}
 _COMMANDS = {"status", "list", "stop", "recover", *_FAULTS}
-# aiomqtt runs paho's connect in an executor thread; the TCP and TLS handshakes are done
-# by then (link.open_tls, on the event loop), so it only queues CONNECT: a few will do.
-_CONNECT_THREADS = 4
+# The agents' executor work: saving the command sequence (asyncio.to_thread). Connecting
+# needs none (link.open_tls, link._Client); it took 32 threads per process once.
+_EXECUTOR_THREADS = 4
 _REPLY_TIMEOUT_S = 120.0
 # Middle-generation collections between full ones once the agents are frozen (CPython's
 # default 10; see LocalBackend.wait_ready).
@@ -339,7 +339,7 @@ async def serve(
     """Start ``backend``, answer commands (stdin, TCP) until stopped, then stop it."""
     loop = asyncio.get_running_loop()
     raise_nofile()
-    loop.set_default_executor(ThreadPoolExecutor(_CONNECT_THREADS, thread_name_prefix="sim"))
+    loop.set_default_executor(ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="sim"))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
