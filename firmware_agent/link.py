@@ -1,4 +1,5 @@
-"""The MQTT side of the agent: TLS context, client construction, reconnect backoff.
+"""The MQTT side of the agent: TLS context, opening the connection (TCP and TLS on the
+event loop), client construction, reconnect backoff.
 
 MQTT 5 over mutual TLS; the client id is the device id and the broker takes the MQTT
 username from the client certificate. ``clean_start=False`` plus a session expiry makes
@@ -121,12 +122,13 @@ async def open_tls(
     """The connection paho would open (TCP, then the TLS handshake, the broker verified
     by ``tls``), opened on the event loop instead of in paho's blocking connect.
 
-    paho's connect runs in aiomqtt's executor thread, handshake included. A device does
-    not mind; the simulator's thousands of agents did: 32 threads per process holding
-    and waiting for the GIL starved its event loop during a reconnect storm, which then
-    sent the CONNECTs of finished handshakes seconds late (the broker accepted ~450 TCP
-    connections/s but completed ~250 sessions/s for the first 10 s). Closed on any
-    failure, cancellation included; raises OSError (ssl.SSLError, TimeoutError).
+    paho's connect blocks on both handshakes, so aiomqtt runs it in an executor thread.
+    A device would not mind; the simulator's thousands of agents did: 32 such threads
+    per process, holding and waiting for the GIL, starved its event loop in a reconnect
+    storm, which then sent the CONNECTs of finished handshakes seconds late (the broker
+    accepted ~450 TCP connections/s but completed ~250 sessions/s for the first 10 s).
+    Closed on any failure, cancellation included; raises OSError (ssl.SSLError,
+    TimeoutError).
     """
     sock = await (tcp() if tcp is not None else open_tcp(host, port, limit_s=TCP_CONNECT_TIMEOUT_S))
     try:
@@ -273,7 +275,7 @@ class ConnectionCloser:
         """paho's connect takes ``sock`` (connected, TLS done) instead of opening one."""
         self._unclaimed = sock
 
-        def take() -> ssl.SSLSocket:  # paho's _create_socket, in the connect thread
+        def take() -> ssl.SSLSocket:  # paho's _create_socket, called by its connect
             with self._lock:
                 if self._abandoned or self._unclaimed is None:
                     raise OSError("connection attempt abandoned")

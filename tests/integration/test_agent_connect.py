@@ -262,9 +262,9 @@ async def test_stop_during_the_tls_handshake_leaves_no_connection(
     device_cert: Callable[[str], tuple[Path, Path]],
     delays: list[tuple[int, float]],
 ) -> None:
-    """Stopping the agent cancels its connect while paho's executor thread is still in
-    the TLS handshake; the connection that thread completes afterwards is closed at
-    once, not left to send CONNECT and live on until its keepalive (5 s here)."""
+    """Stopping the agent cancels its connect while the TLS handshake is still under way:
+    the connection is closed at once, not completed later and left to send CONNECT and
+    live on until its keepalive (5 s here)."""
     async with fake_broker("slow_tls", pki_dir) as (broker, port):
         agent = agent_for(tmp_path, pki_dir, device_cert, port)
         async with running(agent):
@@ -392,3 +392,17 @@ async def test_open_tls_gives_up_on_a_silent_server_and_closes() -> None:
             await closed.wait()
     finally:
         server.close()
+
+
+async def test_the_agents_client_never_opens_a_blocking_connection_itself(
+    tmp_path: Path, pki_dir: PkiPaths, device_cert: Callable[[str], tuple[Path, Path]]
+) -> None:
+    """paho's connect runs on the event loop: without a connection handed over it would
+    block the loop in its own TCP and TLS handshakes, so it refuses."""
+    config = agent_for(tmp_path, pki_dir, device_cert, 1).config
+    client = link_module.make_client(
+        config, ssl.create_default_context(), will_topic="t", will_payload=b""
+    )
+    with pytest.raises(RuntimeError, match="open_tls"):
+        async with client:
+            pass
