@@ -3,8 +3,8 @@
 Each simulated device's MQTT connection goes through an in-process relay (unless the
 simulator runs ``--direct``): the agent's TCP connect (link.TcpOpener) is replaced by a
 socket pair whose other end the event loop copies to and from a real TCP connection to
-the broker. TLS stays end
-to end (the relay copies ciphertext), and a fault is a switch on the relay:
+the broker. TLS stays end to end (the relay copies ciphertext), and a fault is a switch
+on the relay:
 
 - ``pause``: nothing crosses either way and nothing is closed, so only keepalives can
   tell (a dropped network, or a hung device whose socket stays open);
