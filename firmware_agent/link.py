@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from aiomqtt.client import ProtocolVersion, _set_client_socket_defaults
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -240,14 +241,15 @@ class ConnectionCloser:
 
     The TCP and TLS handshakes run on the event loop (open_tls); :meth:`adopt` makes
     paho's connect take that connection instead of opening one. paho's connect then runs
-    on the event loop too (``_Client``), or, for a plain ``aiomqtt.Client``, in aiomqtt's
-    executor thread, which cancelling ``__aenter__`` does not stop. Either way its socket
-    callbacks (add the reader and writer, start the misc task) reach the event loop
-    through ``call_soon_threadsafe``, possibly after a cancellation, so closing at once
-    could run before them and leave a reader on a closed (or reused) file descriptor.
-    After a cancellation the close is therefore queued behind them: by the connect thread
-    when it returns, or, if it already has, with ``call_soon``. A connection paho never
-    took is closed here. Create it before entering the client, on the event loop.
+    on the event loop too, and registers its socket at once (``_Client``). A plain
+    ``aiomqtt.Client`` (another ``client_factory``) runs it in aiomqtt's executor thread,
+    which cancelling ``__aenter__`` does not stop, and its socket callbacks (add the
+    reader and writer, start the misc task) reach the event loop through
+    ``call_soon_threadsafe``, possibly after a cancellation: closing at once could run
+    before them and leave a reader on a closed (or reused) file descriptor. After a
+    cancellation the close is therefore queued behind them: by the connect thread when it
+    returns, or, if it already has, with ``call_soon``. A connection paho never took is
+    closed here. Create it before entering the client, on the event loop.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
@@ -354,6 +356,39 @@ class _Client(aiomqtt.Client):
         if self._disconnected.done():
             self._disconnected = asyncio.get_running_loop().create_future()
         return self
+
+    # paho calls these on the event loop here (its connect too, see above). aiomqtt defers
+    # the registrations through call_soon_threadsafe with the descriptor's number, for its
+    # executor thread; by the time they ran, a connection lost meanwhile had closed the
+    # descriptor (asyncio logged "Bad file descriptor", 17-71 times per reconnect storm)
+    # or another connection of the process had been given the same number, whose reader
+    # or writer (its TCP connect's, say) it then replaced. Registered at once instead.
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        def readable() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    # loop_read does not always consume what an SSLSocket has decoded
+                    pending = getattr(client._sock, "pending", None)
+                    if pending is None or pending() == 0:
+                        break
+            except Exception as exc:  # a broken connection: aiomqtt's __aexit__ sees it
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        self._loop.add_reader(sock.fileno(), readable)
+        self._misc_task = self._loop.create_task(self._misc_loop())
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        def writable() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        self._loop.add_writer(sock.fileno(), writable)
 
 
 def make_client(

@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 import firmware_agent.agent as agent_module
 import firmware_agent.link as link_module
+from broker.launcher import MosquittoProcess
 from broker.pki import PkiPaths, init_pki
 from firmware_agent import Agent, AgentConfig, SimulatedCamera
 from tests.integration.agent_helpers import (
@@ -31,6 +33,7 @@ from tests.integration.agent_helpers import (
     unique_device_id,
     wait_until,
 )
+from tillsyn_protocol import Channel, device_topic
 
 pytestmark = [
     pytest.mark.integration,
@@ -406,3 +409,37 @@ async def test_the_agents_client_never_opens_a_blocking_connection_itself(
     with pytest.raises(RuntimeError, match="open_tls"):
         async with client:
             pass
+
+
+async def test_a_connection_lost_with_a_write_queued_leaves_nothing_registered(
+    tmp_path: Path,
+    pki_dir: PkiPaths,
+    device_cert: Callable[[str], tuple[Path, Path]],
+    mosquitto: MosquittoProcess,
+) -> None:
+    """paho asks for a writer when it queues a packet. aiomqtt registered it later, by
+    descriptor number: after a connection closed meanwhile it hit a closed descriptor
+    (or another connection's, reusing the number). The agent's client registers at once,
+    so closing right after leaves nothing behind on the event loop."""
+    config = agent_for(tmp_path, pki_dir, device_cert, mosquitto.port).config
+    tls = link_module.make_ssl_context(config.tls)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        client = link_module.make_client(config, tls, will_topic="t", will_payload=b"")
+        closer = link_module.ConnectionCloser(client)
+        closer.adopt(await link_module.open_tls(tls, "127.0.0.1", mosquitto.port, limit_s=5))
+        with contextlib.suppress(aiomqtt.MqttError):  # leaving a lost connection
+            async with client:
+                sock = client._client.socket()
+                assert sock is not None
+                fd = sock.fileno()
+                topic = device_topic(config.device_id, Channel.EVENT)
+                client._client.publish(topic, b"{}", qos=0)  # queued: paho asks for a writer
+                link_module.close_connection(client)  # the connection is lost right after
+                await asyncio.sleep(0.05)  # anything deferred has run by now
+                assert errors == []
+                assert fd not in loop._selector.get_map()  # type: ignore[attr-defined]
+    finally:
+        loop.set_exception_handler(None)
