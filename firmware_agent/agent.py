@@ -517,6 +517,12 @@ class Agent:
                         await self._on_message(message)
                 why = "connection closed"
             except (aiomqtt.MqttError, OSError) as exc:  # OSError: TCP or TLS (open_tls)
+                if _being_cancelled():
+                    # aiomqtt's __aexit__ waits (bounded) for its DISCONNECT to go out and
+                    # raises its own "timed out" in place of the cancellation: swallowed,
+                    # this loop would reconnect and the agent never stop.
+                    cancelled = True
+                    raise asyncio.CancelledError from exc
                 why = str(exc) or type(exc).__name__
             except asyncio.CancelledError:
                 cancelled = True
@@ -736,6 +742,11 @@ class Agent:
                     )
         except (TimeoutError, aiomqtt.MqttError) as exc:
             log.warning("clean stop incomplete: %s", str(exc)[:_WHY_CHARS] or "timed out")
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _granted(code: object) -> bool:

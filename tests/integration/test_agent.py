@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from broker.launcher import MosquittoProcess
 from broker.pki import PkiPaths
 from firmware_agent import Agent, AgentConfig, SimulatedCamera
 from firmware_agent import agent as agent_module
+from firmware_agent import link as link_module
 from tests.integration.agent_helpers import (
     FleetProbe,
     Received,
@@ -483,6 +485,27 @@ async def test_a_resumed_session_is_subscribed_again_later(
             await fleet.send(device.signer.arm(now, now + 60))
             ack = await fleet.wait_for(Channel.ACK, timeout=8)
             assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+
+
+async def test_the_agent_stops_when_aiomqtt_replaces_the_cancellation(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injected: aiomqtt's ``__aexit__`` raises its own error ("Operation timed out":
+    its DISCONNECT did not go out within the round-trip timeout) in place of the
+    cancellation that ends the session. The agent still stops, and does not reconnect."""
+    original = link_module._Client.__aexit__
+
+    async def aexit(self: aiomqtt.Client, exc_type: Any, exc: Any, tb: Any) -> None:
+        await original(self, exc_type, exc, tb)
+        if exc_type is asyncio.CancelledError:
+            raise aiomqtt.MqttError("Operation timed out")
+
+    monkeypatch.setattr(link_module._Client, "__aexit__", aexit)
+    agent = device.agent()
+    async with running(agent):  # stop() raises AgentError if it does not stop in time
+        await connected(agent)
+    assert not agent.connected
+    assert agent.counters["connects"] == 1
 
 
 async def test_sigkilled_agent_process_leaves_offline_via_last_will(device: Device) -> None:
