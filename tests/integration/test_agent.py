@@ -413,6 +413,14 @@ async def test_broker_killed_while_armed_relocks_on_its_own_and_reports_later(
         assert agent.counters["connects"] == 2
 
 
+async def _an_arm_is_applied(device: Device) -> None:
+    async with device.probe() as fleet:
+        now = time.time()
+        await fleet.send(device.signer.arm(now, now + 60))
+        ack = await fleet.wait_for(Channel.ACK, timeout=8)
+        assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+
+
 async def _restart_and_arm(
     device: Device, agent: Agent, broker: MosquittoProcess, *, keep_sessions: bool
 ) -> None:
@@ -427,11 +435,7 @@ async def _restart_and_arm(
             broker.kill()
             await asyncio.to_thread(broker.start)
         await wait_until(lambda: agent.counters["connects"] == 2, timeout=10, what="reconnect")
-        async with device.probe() as fleet:
-            now = time.time()
-            await fleet.send(device.signer.arm(now, now + 60))
-            ack = await fleet.wait_for(Channel.ACK, timeout=8)
-            assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+        await _an_arm_is_applied(device)
 
 
 async def test_a_resumed_session_is_not_subscribed_again_and_still_gets_commands(
@@ -480,11 +484,7 @@ async def test_a_resumed_session_is_subscribed_again_later(
         await asyncio.to_thread(own_broker.restart)
         await wait_until(lambda: agent.counters["resubscribed"] == 1, timeout=10, what="again")
         assert agent.counters["sessions_resumed"] == 1
-        async with device.probe() as fleet:
-            now = time.time()
-            await fleet.send(device.signer.arm(now, now + 60))
-            ack = await fleet.wait_for(Channel.ACK, timeout=8)
-            assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+        await _an_arm_is_applied(device)
 
 
 async def test_the_agent_stops_when_aiomqtt_replaces_the_cancellation(
