@@ -74,10 +74,7 @@ from .renewal import Renewer
 from .reports import Outbox, Reporter
 from .store import SeqStore
 
-__all__ = ["Agent", "ClientFactory"]
-
-# Builds the MQTT client for one connection attempt; signature of ``link.make_client``.
-ClientFactory = Callable[..., aiomqtt.Client]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +100,11 @@ class Agent:
         *,
         camera: CameraDriver | None = None,
         clock: ClockSource | None = None,
-        client_factory: ClientFactory = make_client,
         tcp_opener: TcpOpener | None = None,
     ) -> None:
         self.config = config
         # The simulator (firmware_agent/sim.py) routes the TCP connection through its
         # fault-injecting relay.
-        self._make_client = client_factory
         self._open_tcp = tcp_opener
         self._clock: ClockSource = clock or SystemClock(
             require_ntp_sync=config.clock.require_ntp_sync
@@ -488,7 +483,7 @@ class Agent:
         attempt = 0
         broker = self.config.broker
         while True:
-            client = self._make_client(
+            client = make_client(
                 self.config,
                 self._tls,
                 will_topic=self._topics[Channel.STATUS],
@@ -496,7 +491,7 @@ class Agent:
             )
             closer = ConnectionCloser(client)
             session = SessionFlag(client)
-            connected = cancelled = False
+            connected = False
             # The session set-up (TLS handshake, CONNACK, then the SUBACK and the PUBACK of
             # "online") gets its own, longer bound (see link.connack_timeout): a broker that
             # has just restarted answers each of them late, and giving up on the SUBACK throws
@@ -521,12 +516,8 @@ class Agent:
                     # aiomqtt's __aexit__ waits (bounded) for its DISCONNECT to go out and
                     # raises its own "timed out" in place of the cancellation: swallowed,
                     # this loop would reconnect and the agent never stop.
-                    cancelled = True
                     raise asyncio.CancelledError from exc
                 why = str(exc) or type(exc).__name__
-            except asyncio.CancelledError:
-                cancelled = True
-                raise
             finally:
                 self._client = None
                 if self._resubscribe is not None:
@@ -536,7 +527,7 @@ class Agent:
                 # or socket error, a lost connection, cancellation), its connection is closed
                 # before the next attempt: aiomqtt leaves it open in some of these cases, and
                 # a connection left behind completes later as a session takeover.
-                closer.close(cancelled=cancelled)
+                closer.close()
             self.counters["disconnects" if connected else "connect_failures"] += 1
             delay = backoff_delay(attempt, broker.reconnect_min_s, broker.reconnect_max_s)
             if self._reconnect_now:  # a planned reconnect (new certificate): no backoff
@@ -560,10 +551,7 @@ class Agent:
         subscribe = not (resumed and self._subscribed)
         if subscribe:
             self._subscribed = False
-            granted = await client.subscribe(
-                self._topics[Channel.CMD], qos=1, timeout=setup_timeout
-            )
-            if not all(_granted(code) for code in granted):
+            if not await self._subscribe_cmd(client, setup_timeout):
                 raise aiomqtt.MqttError("broker refused the subscription to cmd")
         else:
             self.counters["sessions_resumed"] += 1
@@ -586,6 +574,11 @@ class Agent:
         self._subscribed = True
         log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
 
+    async def _subscribe_cmd(self, client: aiomqtt.Client, limit_s: float | None) -> bool:
+        """Subscribe to this device's commands (QoS 1); whether the broker granted it."""
+        granted = await client.subscribe(self._topics[Channel.CMD], qos=1, timeout=limit_s)
+        return all(_granted(code) for code in granted)
+
     async def _resubscribe_later(self, client: aiomqtt.Client) -> None:
         """Ask a resumed session for its subscriptions again, once a storm is likely over.
 
@@ -597,13 +590,13 @@ class Agent:
         """
         await asyncio.sleep(random.uniform(*RESUBSCRIBE_AFTER_S))
         try:
-            granted = await client.subscribe(self._topics[Channel.CMD], qos=1)
+            granted = await self._subscribe_cmd(client, None)
             if self._renewer is not None:
                 await self._renewer.subscribe(client)
         except aiomqtt.MqttError as exc:  # the session loop sees the connection's end
             log.debug("resubscribe failed: %s", str(exc)[:_WHY_CHARS])
             return
-        if all(_granted(code) for code in granted):
+        if granted:
             self.counters["resubscribed"] += 1
         else:
             self.counters["resubscribe_refused"] += 1

@@ -16,7 +16,6 @@ import logging
 import random
 import socket
 import ssl
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -241,69 +240,32 @@ class ConnectionCloser:
 
     The TCP and TLS handshakes run on the event loop (open_tls); :meth:`adopt` makes
     paho's connect take that connection instead of opening one. paho's connect then runs
-    on the event loop too, and registers its socket at once (``_Client``). A plain
-    ``aiomqtt.Client`` (another ``client_factory``) runs it in aiomqtt's executor thread,
-    which cancelling ``__aenter__`` does not stop, and its socket callbacks (add the
-    reader and writer, start the misc task) reach the event loop through
-    ``call_soon_threadsafe``, possibly after a cancellation: closing at once could run
-    before them and leave a reader on a closed (or reused) file descriptor. After a
-    cancellation the close is therefore queued behind them: by the connect thread when it
-    returns, or, if it already has, with ``call_soon``. A connection paho never took is
-    closed here. Create it before entering the client, on the event loop.
+    on the event loop too and registers its socket at once (``_Client``), so nothing of
+    the attempt is still on its way to the loop when it ends: closing at once is safe. A
+    connection paho never took is closed here. Create it before entering the client.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self._client = client
-        self._loop = asyncio.get_running_loop()
-        self._lock = threading.Lock()
-        self._returned = False
-        self._abandoned = False
         self._unclaimed: socket.socket | None = None
-        connect = client._client_connect
-
-        def connect_then_check() -> None:
-            try:
-                connect()
-            finally:
-                with self._lock:
-                    self._returned = True
-                    self._close_unclaimed()  # paho failed before taking it
-                    if self._abandoned:
-                        self._loop.call_soon_threadsafe(close_connection, client)
-
-        client._client_connect = connect_then_check  # type: ignore[method-assign]
 
     def adopt(self, sock: ssl.SSLSocket) -> None:
         """paho's connect takes ``sock`` (connected, TLS done) instead of opening one."""
         self._unclaimed = sock
 
         def take() -> ssl.SSLSocket:  # paho's _create_socket, called by its connect
-            with self._lock:
-                if self._abandoned or self._unclaimed is None:
-                    raise OSError("connection attempt abandoned")
-                self._unclaimed = None
+            if self._unclaimed is None:
+                raise OSError("connection attempt abandoned")
+            self._unclaimed = None
             return sock
 
         self._client._client._create_socket = take  # type: ignore[method-assign]
 
-    def _close_unclaimed(self) -> None:
-        sock, self._unclaimed = self._unclaimed, None
-        if sock is not None:
-            sock.close()
-
-    def close(self, *, cancelled: bool) -> None:
-        if not cancelled:
-            # The connect thread's callbacks already ran: __aenter__ awaited its result.
-            with self._lock:
-                self._close_unclaimed()
-            close_connection(self._client)
-            return
-        with self._lock:
-            self._abandoned = True
-            self._close_unclaimed()  # paho will not take it now
-            if not self._returned:
-                return  # the connect thread closes when it returns (if it ever runs)
-        self._loop.call_soon(close_connection, self._client)
+    def close(self) -> None:
+        unclaimed, self._unclaimed = self._unclaimed, None
+        if unclaimed is not None:
+            unclaimed.close()
+        close_connection(self._client)
 
 
 class SessionFlag:
