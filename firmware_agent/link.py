@@ -25,6 +25,8 @@ from aiomqtt.client import ProtocolVersion, _set_client_socket_defaults
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tillsyn_protocol import paho_tables
+
 from .config import AgentConfig, TlsConfig
 from .errors import ConfigError
 
@@ -61,6 +63,7 @@ TCP_CONNECT_TIMEOUT_S = 10.0
 TcpOpener = Callable[[], Awaitable[socket.socket]]
 
 log = logging.getLogger(__name__)
+paho_tables.install()  # paho's Properties share their tables: one per message otherwise
 _mqtt_log = logging.getLogger(f"{__name__}.paho")
 # paho is chatty at DEBUG; keep it to warnings so packet traces never reach the logs.
 _mqtt_log.setLevel(logging.WARNING)
