@@ -75,8 +75,9 @@ def floor(
     sim: SimProcess,
     ids: list[str],
     until: int,
-) -> tuple[list[float], float, float]:
-    """The floor's latencies, and its own and the simulator's CPU for the storm."""
+) -> tuple[list[float], float, float, float]:
+    """The floor's latencies, how long it took (go -> last ack), and its own and the
+    simulator's CPU for that."""
     ids_file = root / "ids.txt"
     ids_file.write_text("\n".join(ids))
     args = [str(port), str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key)]
@@ -93,13 +94,15 @@ def floor(
         raise SystemExit("bare commander failed")
     time.sleep(2)  # the disarm's state reports settle
     cpu0 = cpu_seconds(proc.pid), sim.cpu()
+    t_go = time.time()
     proc.stdin.write("go\n")
     proc.stdin.flush()
     out = json.loads(proc.stdout.readline())
     cpu = cpu_seconds(proc.pid) - cpu0[0], sim.cpu() - cpu0[1]
+    took = time.time() - t_go
     proc.wait(30)
     latencies: list[float] = out["latencies"]
-    return latencies, *cpu
+    return latencies, took, *cpu
 
 
 def main() -> None:
@@ -151,8 +154,14 @@ def main() -> None:
             print(f"window opens at {start_local} ({t0 - time.time():.0f} s)", file=sys.stderr)
             deadline = t0 + 600
             # CPU from just before the edge: what the storm itself costs, apart from start-up.
+            # The simulator's own pace in the 10 s before (heartbeats, keepalives): what
+            # it spends per second of any storm, apart from the storm's messages.
+            time.sleep(max(0.0, t0 - 11 - time.time()))
+            idle0 = time.time(), sim.cpu()
             time.sleep(max(0.0, t0 - 1 - time.time()))
             cpu0 = fleet.cpu(), sim.cpu()
+            t_cpu0 = time.time()
+            sim_idle = (cpu0[1] - idle0[1]) / (t_cpu0 - idle0[0])
             spy = profiler(fleet.pid, args.profile) if args.profile else None
             rows: list[tuple[str, float]] = []
             while time.time() < deadline:
@@ -161,13 +170,16 @@ def main() -> None:
                 if len(rows) >= n:
                     break
             storm_cpu = fleet.cpu() - cpu0[0], sim.cpu() - cpu0[1]
+            storm_s = time.time() - t_cpu0
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
                 spy.wait(60)
             time.sleep(5)  # the state reports' reconciles and the last acks' batches
             fleet_cpu, issued = fleet.cpu(), issued_arms(fleet.db)
             fleet.stop()
-            floor_lat, *floor_cpu = floor(root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S)
+            floor_lat, floor_s, *floor_cpu = floor(
+                root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S
+            )
         finally:
             if sim is not None:
                 sim.stop()
@@ -202,6 +214,12 @@ def main() -> None:
                 ("arm sends in all (resends included)", f"{issued[1]:,}"),
                 ("CPU until the last ack: fleet / sim", "{:.1f} / {:.1f} s".format(*storm_cpu)),
                 ("floor's CPU: commander / sim", "{:.1f} / {:.1f} s".format(*floor_cpu)),
+                ("sim's CPU at its own pace (before the edge)", f"{sim_idle:.2f} CPU-s/s"),
+                (
+                    "sim's CPU above that pace: fleet's / floor's storm",
+                    f"{storm_cpu[1] - sim_idle * storm_s:.1f} s in {storm_s:.1f} s"
+                    f" / {floor_cpu[1] - sim_idle * floor_s:.1f} s in {floor_s:.1f} s",
+                ),
                 ("fleet CPU (start-up, storm, after)", f"{fleet_cpu:.1f} s"),
             ]
         )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
-from sqlalchemy import or_
+from sqlalchemy import insert, or_
 from sqlmodel import Session, col, select
 
 from tillsyn_protocol import (
@@ -38,6 +39,39 @@ _LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
 RESEND_BACKOFF_MAX_DOUBLINGS = 2
 # The ack timeout never grows past this many resend_after_s, however slow acks have been.
 ACK_TIMEOUT_MAX_FACTOR = 6.0
+
+
+_NEW = "tillsyn.new_commands"  # session.info: commands issued in a batch, not yet inserted
+
+
+@contextmanager
+def batched(session: Session) -> Iterator[None]:
+    """Commands issued in this block are inserted together at its end, by Core.
+
+    The ORM's unit of work inserting 10,000 arms at a window start (history, identity map,
+    a persistent object each) cost more than making them; nothing of the pass needs
+    their ids or to find them by query, only the pending lists the ledger appends them
+    to. Not written on error: the transaction is rolled back then anyway. Outside a
+    batch the ledger adds each command to the session as usual."""
+    if _NEW in session.info:  # already batching: the outer block inserts
+        yield
+        return
+    new: list[Command] = []
+    session.info[_NEW] = new
+    try:
+        yield
+        del session.info[_NEW]
+        if new:
+            columns = [c.name for c in Command.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+            rows = [{name: c.__dict__[name] for name in columns} for c in new]
+            session.execute(insert(Command.__table__), rows)  # type: ignore[attr-defined]
+    finally:
+        session.info.pop(_NEW, None)
+
+
+def _batched_in(session: Session, command: Command) -> bool:
+    """Whether this command waits in the session's open batch (not in the session)."""
+    return command.id is None and any(c is command for c in session.info.get(_NEW, ()))
 
 
 def unconfirmed(
@@ -169,7 +203,11 @@ class Ledger:
             last_sent_at=now,
         )
         keep(session, device)
-        session.add(command)
+        batch: list[Command] | None = session.info.get(_NEW)
+        if batch is None:
+            session.add(command)
+        else:
+            batch.append(command)
         if pending is not None:
             pending.append(command)
         audit_batch.append(
@@ -203,15 +241,22 @@ class Ledger:
                 continue
             old.status = CommandStatus.SUPERSEDED
             old.acked_at = now
-            keep(session, old)
+            if not _batched_in(session, old):  # (a batched one is inserted as it is then)
+                keep(session, old)
             self._metrics.commands.labels(kind=old.kind.value, outcome="superseded").inc()
 
-    def pending(self, session: Session, device_id: str) -> Sequence[Command]:
-        return session.exec(
+    def pending(self, session: Session, device_id: str) -> list[Command]:
+        """The device's pending commands, those of an open batch (not inserted yet) too."""
+        found = session.exec(
             select(Command).where(
                 Command.device_id == device_id, Command.status == CommandStatus.PENDING
             )
         ).all()
+        batch: list[Command] = session.info.get(_NEW, [])
+        return [
+            *found,
+            *(c for c in batch if c.device_id == device_id and c.status is CommandStatus.PENDING),
+        ]
 
     def on_ack(
         self,

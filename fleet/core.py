@@ -32,7 +32,7 @@ from tillsyn_protocol import (
 
 from . import audit, audit_batch, batch, checks, gauges, snapshot, video_phone, visits
 from .batch import Applied, Inbound
-from .commands import Ledger, unconfirmed
+from .commands import Ledger, batched, unconfirmed
 from .db import keep
 from .errors import Conflict, NotFound
 from .liveness import Seen
@@ -98,7 +98,7 @@ class FleetOps:
                 out += checks.ensure_synced(session, self.check_ctx, now)
             horizon = max(self.policy.visit_horizon_s, self.policy.preflight_s)
             loaded = snapshot.load(session, device_ids, now, horizon + 1)
-            with audit_batch.buffered(session):
+            with audit_batch.buffered(session), batched(session):
                 for data in loaded.values():
                     out += reconcile_device(
                         session, self.ledger, self.metrics, self.policy, data, now
