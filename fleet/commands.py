@@ -21,7 +21,7 @@ from tillsyn_protocol import (
 )
 from tillsyn_protocol import tokens as tk
 
-from . import audit_batch
+from . import audit_batch, writeback
 from .db import keep, new_row
 from .metrics import FleetMetrics
 from .models import Command, CommandStatus, Connectivity, Device
@@ -171,7 +171,7 @@ class Ledger:
         superseded from that list instead of a query, and the new command appended to it.
         """
         seq = max(device.next_seq, device.device_last_seq + 1)
-        device.next_seq = seq + 1
+        writeback.assign(session, device, next_seq=seq + 1)
         match kind:
             case CommandKind.ARM:
                 assert until is not None
@@ -239,8 +239,7 @@ class Ledger:
         for old in pending:
             if old.status is not CommandStatus.PENDING or old.kind not in _LOCK_KINDS:
                 continue
-            old.status = CommandStatus.SUPERSEDED
-            old.acked_at = now
+            writeback.assign(session, old, status=CommandStatus.SUPERSEDED, acked_at=now)
             if not _batched_in(session, old):  # (a batched one is inserted as it is then)
                 keep(session, old)
             self._metrics.commands.labels(kind=old.kind.value, outcome="superseded").inc()
@@ -283,7 +282,8 @@ class Ledger:
             outcome = CommandStatus.REFUSED
         else:
             outcome = CommandStatus.APPLIED
-            device.device_last_seq = max(device.device_last_seq, command.seq)
+            last_seq = max(device.device_last_seq, command.seq)
+            writeback.assign(session, device, device_last_seq=last_seq)
             keep(session, device)
         if command.status in (
             CommandStatus.PENDING,
@@ -297,9 +297,8 @@ class Ledger:
                 and command.last_sent_at is not None
             ):
                 self.ack_timer.sample(now - command.last_sent_at)
-            command.status = outcome
-            command.reason = ack.reason.value if ack.reason else None
-            command.acked_at = now
+            reason = ack.reason.value if ack.reason else None
+            writeback.assign(session, command, status=outcome, reason=reason, acked_at=now)
             keep(session, command)
             self._metrics.commands.labels(kind=command.kind.value, outcome=outcome.value).inc()
             if outcome is CommandStatus.APPLIED:

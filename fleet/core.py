@@ -30,7 +30,17 @@ from tillsyn_protocol import (
     Status,
 )
 
-from . import audit, audit_batch, batch, checks, gauges, snapshot, video_phone, visits
+from . import (
+    audit,
+    audit_batch,
+    batch,
+    checks,
+    gauges,
+    snapshot,
+    video_phone,
+    visits,
+    writeback,
+)
 from .batch import Applied, Inbound
 from .commands import Ledger, batched, unconfirmed
 from .db import keep
@@ -98,7 +108,7 @@ class FleetOps:
                 out += checks.ensure_synced(session, self.check_ctx, now)
             horizon = max(self.policy.visit_horizon_s, self.policy.preflight_s)
             loaded = snapshot.load(session, device_ids, now, horizon + 1)
-            with audit_batch.buffered(session), batched(session):
+            with audit_batch.buffered(session), batched(session), writeback.batch(session):
                 for data in loaded.values():
                     out += reconcile_device(
                         session, self.ledger, self.metrics, self.policy, data, now
@@ -238,7 +248,7 @@ class FleetOps:
             with audit_batch.buffered(session):
                 mark = audit_batch.mark(session)
                 try:
-                    with session.begin_nested():
+                    with writeback.savepoint(session):
                         done = [self._apply_one(session, i, commands, pending) for i in known]
                 except Exception as exc:
                     audit_batch.drop_after(session, mark)
@@ -263,7 +273,7 @@ class FleetOps:
         for item in items:
             mark = audit_batch.mark(session)
             try:
-                with session.begin_nested():
+                with writeback.savepoint(session):
                     touched, pubs, moved = self._apply_one(session, item, commands, pending)
             except Exception as exc:  # isolated: this message is rejected alone
                 audit_batch.drop_after(session, mark)
@@ -322,10 +332,16 @@ class FleetOps:
             report.state,
             report.armed_until,
         )
-        device.reported_state, device.armed_until = report.state, report.armed_until
-        device.reported_at = now
-        device.device_last_seq = max(device.device_last_seq, report.last_seq)
-        device.next_seq = max(device.next_seq, device.device_last_seq + 1)
+        last_seq = max(device.device_last_seq, report.last_seq)
+        writeback.assign(
+            session,
+            device,
+            reported_state=report.state,
+            armed_until=report.armed_until,
+            reported_at=now,
+            device_last_seq=last_seq,
+            next_seq=max(device.next_seq, last_seq + 1),
+        )
         keep(session, device)
         if changed:
             audit_batch.append(

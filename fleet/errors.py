@@ -5,7 +5,8 @@ FleetError
  ├── NotFound           an API/CLI request for something that does not exist
  ├── Conflict           a request that contradicts the current state
  ├── SchedulerLockHeld  another fleet process holds the scheduler lock
- └── SchemaError        the database schema cannot be migrated (e.g. newer than the code)
+ ├── SchemaError        the database schema cannot be migrated (e.g. newer than the code)
+ └── LostRow            a row changed in a write-back batch was gone when it was written
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class SchedulerLockHeld(FleetError):
 
 class SchemaError(FleetError):
     """The database schema cannot be brought to what this version expects."""
+
+
+class LostRow(FleetError):
+    """A row changed in a write-back batch (fleet/writeback.py) was gone when written."""
