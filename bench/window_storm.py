@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from bench._common import cpu_seconds, py_spy, start_broker
+from bench._common import cpu_seconds, cpu_split, py_spy, start_broker
 from bench._sim import FleetProcess, SimProcess, percentile, table
 from broker.pki import PkiPaths
 from firmware_agent.sim_fleet import register_in_db
@@ -160,6 +160,7 @@ def main() -> None:
             idle0 = time.time(), sim.cpu()
             time.sleep(max(0.0, t0 - 1 - time.time()))
             cpu0 = fleet.cpu(), sim.cpu()
+            split0 = cpu_split(fleet.pid)
             t_cpu0 = time.time()
             sim_idle = (cpu0[1] - idle0[1]) / (t_cpu0 - idle0[0])
             spy = profiler(fleet.pid, args.profile) if args.profile else None
@@ -170,6 +171,7 @@ def main() -> None:
                 if len(rows) >= n:
                     break
             storm_cpu = fleet.cpu() - cpu0[0], sim.cpu() - cpu0[1]
+            split = [b - a for a, b in zip(split0, cpu_split(fleet.pid), strict=True)]
             storm_s = time.time() - t_cpu0
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
@@ -213,6 +215,10 @@ def main() -> None:
                 ("arms issued: first / last after start", issue_span),
                 ("arm sends in all (resends included)", f"{issued[1]:,}"),
                 ("CPU until the last ack: fleet / sim", "{:.1f} / {:.1f} s".format(*storm_cpu)),
+                (
+                    "fleet's CPU until the last ack: user / system",
+                    "{:.1f} / {:.1f} s".format(*split),
+                ),
                 ("floor's CPU: commander / sim", "{:.1f} / {:.1f} s".format(*floor_cpu)),
                 ("sim's CPU at its own pace (before the edge)", f"{sim_idle:.2f} CPU-s/s"),
                 (

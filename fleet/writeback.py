@@ -98,6 +98,8 @@ def _write(session: Session, buffer: _Buffer) -> None:
             .where(pk == bindparam("pk_"))
             .values({name: bindparam(name) for name in cols})
         )
-        result = session.connection().execute(stmt, rows)
-        if result.rowcount not in (-1, len(rows)):
+        conn = session.connection()
+        result = conn.execute(stmt, rows)
+        counted = conn.dialect.supports_sane_multi_rowcount and result.rowcount != -1
+        if counted and result.rowcount != len(rows):  # (the unit of work checks the same)
             raise LostRow(f"{table.name}: {len(rows)} rows changed, {result.rowcount} written")

@@ -3,24 +3,23 @@ have written them; a failed batch leaves nothing in the database and nothing sta
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, delete
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from fleet import writeback
 from fleet.batch import begin
-from fleet.db import init_db, make_engine
+from fleet.db import make_engine
 from fleet.errors import LostRow
 from fleet.models import Command, CommandStatus, Device
 from tillsyn_protocol import CommandKind, LockState
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-    init_db(engine)
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
     with Session(engine) as s:
         s.add(Device(id="dev-aa"))
         s.add(Device(id="dev-bb"))
@@ -37,7 +36,8 @@ def engine(tmp_path: Path) -> Engine:
             )
         )
         s.commit()
-    return engine
+    yield engine
+    engine.dispose()
 
 
 def _device(engine: Engine, device_id: str) -> Device:
@@ -148,4 +148,26 @@ def test_a_row_gone_before_the_write_is_an_error(engine: Engine) -> None:
             writeback.batch(s),
         ):
             writeback.assign(s, device, next_seq=2)
+            s.execute(delete(Device).where(Device.id == "dev-bb"))  # type: ignore[arg-type]
+
+
+def test_rows_with_the_same_columns_are_written_together(engine: Engine) -> None:
+    with Session(engine) as s:
+        devices = s.exec(select(Device).order_by(col(Device.id))).all()
+        with writeback.batch(s):
+            for i, device in enumerate(devices):
+                writeback.assign(s, device, next_seq=10 + i)
+        s.commit()
+    assert [_device(engine, d).next_seq for d in ("dev-aa", "dev-bb")] == [10, 11]
+
+
+def test_one_of_several_rows_gone_is_an_error(engine: Engine) -> None:
+    with Session(engine) as s:
+        devices = s.exec(select(Device).order_by(col(Device.id))).all()
+        with (
+            pytest.raises(LostRow, match="device: 2 rows changed, 1 written"),
+            writeback.batch(s),
+        ):
+            for device in devices:
+                writeback.assign(s, device, next_seq=2)
             s.execute(delete(Device).where(Device.id == "dev-bb"))  # type: ignore[arg-type]
