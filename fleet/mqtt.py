@@ -210,10 +210,18 @@ class NetworkThread:
     ) -> None:
         """Queue a publish; ``done(ok)`` is called (in the network thread) on the broker's
         PUBACK, at once for QoS 0, or with False if the link is down or goes down first."""
+        self.publish_many([_Out(topic, payload, qos, retain, expiry_s, done)])
+
+    def publish_many(self, items: list[_Out]) -> None:
+        """Queue several publishes, one wake-up of the thread for all of them (each wake-up
+        is a system call, and a release of the GIL the caller may wait milliseconds to get
+        back while the other threads run: at a window start's 10,000 arms that convoy made
+        the publishing loop itself a storm)."""
         if not self.up:
-            done(False)
+            for out in items:
+                out.done(False)
             return
-        self._outbox.append(_Out(topic, payload, qos, retain, expiry_s, done))
+        self._outbox.extend(items)
         self._wake()
 
     def _wake(self) -> None:
@@ -502,39 +510,66 @@ class MqttLink:
         net, loop = self._net, self._loop
         if net is None or loop is None or not net.up:
             return 0
-        futures: list[asyncio.Future[bool]] = []
-        for item in items:
-            fut: asyncio.Future[bool] = loop.create_future()
-            net.publish(
-                item.topic,
-                item.payload,
-                qos=item.qos,
-                retain=item.retain,
-                expiry_s=item.expiry_s,
-                done=_resolver(loop, fut),
-            )
-            futures.append(fut)
-        sent = 0
-        for fut in futures:
-            try:
-                ok = await asyncio.wait_for(fut, PUBLISH_TIMEOUT_S)
-            except TimeoutError:
-                ok = False
-            if not ok:
-                log.warning("publish not acknowledged by the broker")
-                break
-            sent += 1
+        batch = list(items)
+        if not batch:
+            return 0
+        tally = _Tally(loop, len(batch))
+        net.publish_many(
+            [
+                _Out(
+                    p.topic,
+                    p.payload,
+                    p.qos,
+                    p.retain,
+                    p.expiry_s,
+                    functools.partial(tally.done, i),
+                )
+                for i, p in enumerate(batch)
+            ]
+        )
+        # Until all are acknowledged or one failed; given up after PUBLISH_TIMEOUT_S in
+        # which not one more was acknowledged.
+        seen = -1
+        while not tally.future.done() and tally.settled != seen:
+            seen = tally.settled
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(tally.future), PUBLISH_TIMEOUT_S)
+        sent = tally.acknowledged()
+        if sent < len(batch):
+            log.warning("publish not acknowledged by the broker")
         return sent
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[bool]) -> Callable[[bool], None]:
-    """A ``done`` callback for the network thread that resolves ``fut`` on the loop."""
+class _Tally:
+    """The broker's acknowledgements of one :meth:`MqttLink.publish` call, counted in the
+    network thread; the event loop is woken once, when all are in or one has failed (one
+    future and one loop wake-up per message cost more than the rest of publishing)."""
 
-    def resolve(ok: bool) -> None:
-        if not fut.done():  # (a timed-out wait has cancelled it)
-            fut.set_result(ok)
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+        self._loop = loop
+        self.ok: list[bool | None] = [None] * n
+        self.settled = 0
+        self.future: asyncio.Future[None] = loop.create_future()
+        self._fired = False
 
-    def done(ok: bool) -> None:
-        loop.call_soon_threadsafe(resolve, ok)
+    def done(self, index: int, ok: bool) -> None:
+        """Called by one thread at a time: the network thread, or the caller's when the link
+        is down before anything was queued."""
+        self.ok[index] = ok
+        self.settled += 1
+        if (not ok or self.settled == len(self.ok)) and not self._fired:
+            self._fired = True
+            self._loop.call_soon_threadsafe(self._resolve)
 
-    return done
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def acknowledged(self) -> int:
+        """How many were acknowledged, in order, before the first that was not."""
+        n = 0
+        for ok in self.ok:
+            if not ok:
+                break
+            n += 1
+        return n
