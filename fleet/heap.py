@@ -1,4 +1,5 @@
-"""Give freed C-heap memory back to the operating system (glibc ``malloc_trim``).
+"""The process's memory: freed C heap given back to the system (glibc ``malloc_trim``), and
+the cyclic GC kept off what lives as long as the process.
 
 A storm (10,000 devices making first contact, a window edge) briefly needs far more
 memory than the steady state; CPython frees it, but glibc keeps the freed pages in the
@@ -10,9 +11,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Callable
 
-__all__ = ["trim"]
+__all__ = ["settle", "trim"]
+
+# Collection thresholds once start-up's objects are frozen (CPython's are 700, 10, 10).
+# A young collection every 10,000 net allocations instead of 700; a full one after 100
+# middle ones instead of 10, i.e. every ~10 million allocations.
+GC_THRESHOLDS = (10_000, 10, 100)
 
 
 def _load() -> Callable[[int], int] | None:
@@ -34,3 +41,19 @@ _malloc_trim = _load()
 def trim() -> bool:
     """Release free heap pages; True if the C library released any."""
     return bool(_malloc_trim(0)) if _malloc_trim is not None else False
+
+
+def settle() -> None:
+    """What start-up built lives as long as the process: keep it out of the cyclic GC's
+    scans (``gc.freeze``), and collect less often from then on.
+
+    CPython runs a full collection once the objects that survived young collections since
+    the last one reach a quarter of those that survived it; frozen objects do not count,
+    so after the freeze a full collection came every ~70,000 allocations, each scanning
+    everything the storm in progress holds (a pass's 10,000 ORM rows, a batch of 5,000
+    messages). In a 10,000-device window start that was 23 full collections of ~80 ms and
+    2.8 s of the fleet's 9 CPU-s in the GC (measured with ``gc.callbacks``). Short-lived
+    cycles (sessions, futures) still die in the young generations."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -215,9 +214,7 @@ class FleetService:
             # Silence counts from start-up, so a restart never marks the fleet offline.
             at = max(last_seen or 0, self.clock())
             self.liveness.baseline(device_id, at, online=online, camera=camera)
-        # What start-up built lives as long as the process: keep it out of the cyclic GC's
-        # scans, which ingest (thousands of short-lived objects a second) triggers often.
-        gc.freeze()
+        heap.settle()  # start-up's objects out of the GC's scans, and fewer collections
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.link.run(), name="mqtt-link")]

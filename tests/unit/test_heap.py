@@ -30,3 +30,16 @@ def test_trim_returns_freed_heap_pages_to_the_system() -> None:
     after = rss_kib()
     assert before - after > 32 * 1024, (before, after)  # most of the 64 MiB came back
     assert len(kept) == 512
+
+
+def test_settle_freezes_start_up_and_collects_less_often() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        kept = [[i] for i in range(1000)]  # start-up's state
+        heap.settle()
+        assert gc.get_threshold() == heap.GC_THRESHOLDS
+        assert gc.get_freeze_count() >= len(kept)
+    finally:
+        gc.set_threshold(*before)
