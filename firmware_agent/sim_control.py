@@ -186,8 +186,11 @@ class Coordinator:
     def __init__(self, settings: SimSettings, processes: int) -> None:
         self.settings = settings
         ids = settings.device_ids
-        size = -(-len(ids) // processes)
-        self._chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+        # Dealt out in turn, not in contiguous ranges: the fleet works through devices in
+        # id order (a window start's parts of 1,000), and with ranges the first parts all
+        # went to one process while the others idled, then the last one got its 2,500
+        # arms alone (real devices have a CPU each; one process must not be the tail).
+        self._chunks = [c for c in (ids[n::processes] for n in range(processes)) if c]
         self._workers: list[_Worker] = []
         self._lock = asyncio.Lock()
         self._rng = random.Random(settings.seed)
