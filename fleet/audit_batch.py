@@ -21,6 +21,7 @@ from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
 from . import audit
+from .db import deferred
 from .models import AuditEvent
 
 _KEY = "tillsyn.audit_buffer"
@@ -70,17 +71,8 @@ def drop_after(session: Session, mark: int) -> None:
 def buffered(session: Session) -> Iterator[None]:
     """Defer :func:`append` entries of this block and write them at its end (not on error:
     the transaction is rolled back then anyway)."""
-    if _KEY in session.info:  # already batching: the outer block writes
+    with deferred(session, _KEY, list, write):
         yield
-        return
-    buffer: list[_Entry] = []
-    session.info[_KEY] = buffer
-    try:
-        yield
-        del session.info[_KEY]
-        write(session, buffer)
-    finally:
-        session.info.pop(_KEY, None)
 
 
 def write(session: Session, entries: list[_Entry]) -> None:

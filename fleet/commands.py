@@ -22,7 +22,7 @@ from tillsyn_protocol import (
 from tillsyn_protocol import tokens as tk
 
 from . import audit_batch, writeback
-from .db import keep, new_row
+from .db import deferred, keep, new_row
 from .metrics import FleetMetrics
 from .models import Command, CommandStatus, Connectivity, Device
 from .outbound import Publish
@@ -53,20 +53,15 @@ def batched(session: Session) -> Iterator[None]:
     their ids or to find them by query, only the pending lists the ledger appends them
     to. Not written on error: the transaction is rolled back then anyway. Outside a
     batch the ledger adds each command to the session as usual."""
-    if _NEW in session.info:  # already batching: the outer block inserts
+    with deferred(session, _NEW, list, _insert):
         yield
-        return
-    new: list[Command] = []
-    session.info[_NEW] = new
-    try:
-        yield
-        del session.info[_NEW]
-        if new:
-            columns = [c.name for c in Command.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
-            rows = [{name: c.__dict__[name] for name in columns} for c in new]
-            session.execute(insert(Command.__table__), rows)  # type: ignore[attr-defined]
-    finally:
-        session.info.pop(_NEW, None)
+
+
+def _insert(session: Session, new: list[Command]) -> None:
+    if new:
+        columns = [c.name for c in Command.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+        rows = [{name: c.__dict__[name] for name in columns} for c in new]
+        session.execute(insert(Command.__table__), rows)  # type: ignore[attr-defined]
 
 
 def _batched_in(session: Session, command: Command) -> bool:

@@ -5,6 +5,8 @@ The schema comes from the Alembic migrations (:mod:`fleet.migrate`), never ``cre
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from . import (  # noqa: F401  (registers the tables)
 metadata: MetaData = SQLModel.metadata
 
 M = TypeVar("M", bound=SQLModel)
+B = TypeVar("B")
 
 
 def new_row(cls: type[M], **values: Any) -> M:
@@ -61,6 +64,35 @@ def keep(session: Session, obj: SQLModel) -> None:
     CPU in a window storm, at two adds per message)."""
     if obj not in session:
         session.add(obj)
+
+
+@contextmanager
+def deferred(
+    session: Session,
+    key: str,
+    make: Callable[[], B],
+    write: Callable[[Session, B], None],
+    failed: Callable[[Session, B], None] | None = None,
+) -> Iterator[None]:
+    """A buffer of writes kept in ``session.info[key]`` for this block and written by
+    ``write`` at its end, in the caller's transaction; nested blocks share the outermost
+    one's buffer. On error nothing is written (the transaction is rolled back then anyway)
+    and ``failed`` may undo what the buffer did to objects in memory."""
+    if key in session.info:  # already deferring: the outer block writes
+        yield
+        return
+    buffer = make()
+    session.info[key] = buffer
+    try:
+        yield
+        del session.info[key]
+        write(session, buffer)
+    except BaseException:
+        if failed is not None:
+            failed(session, buffer)
+        raise
+    finally:
+        session.info.pop(key, None)
 
 
 def make_engine(url: str) -> Engine:

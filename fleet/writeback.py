@@ -25,6 +25,7 @@ from sqlalchemy import Table, bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel
 
+from .db import deferred
 from .errors import LostRow
 
 _KEY = "tillsyn.writeback"
@@ -57,22 +58,14 @@ def assign(session: Session, obj: SQLModel, **values: Any) -> None:
 @contextmanager
 def batch(session: Session) -> Iterator[None]:
     """Assignments in this block are written at its end (nested: at the outermost end)."""
-    if _KEY in session.info:
+    with deferred(session, _KEY, _Buffer, _write, _expire):
         yield
-        return
-    buffer = _Buffer()
-    session.info[_KEY] = buffer
-    try:
-        yield
-        del session.info[_KEY]
-        _write(session, buffer)
-    except BaseException:
-        for obj, _ in buffer.columns.values():
-            if inspect(obj).persistent:  # (one deleted meanwhile is no longer)
-                session.expire(obj)
-        raise
-    finally:
-        session.info.pop(_KEY, None)
+
+
+def _expire(session: Session, buffer: _Buffer) -> None:
+    for obj, _ in buffer.columns.values():
+        if inspect(obj).persistent:  # (one deleted meanwhile is no longer)
+            session.expire(obj)
 
 
 @contextmanager
