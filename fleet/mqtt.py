@@ -215,8 +215,7 @@ class NetworkThread:
     def publish_many(self, items: list[_Out]) -> None:
         """Queue several publishes, one wake-up of the thread for all of them (each wake-up
         is a system call, and a release of the GIL the caller may wait milliseconds to get
-        back while the other threads run: at a window start's 10,000 arms that convoy made
-        the publishing loop itself a storm)."""
+        back while the other threads run: 10,000 of them at a window start)."""
         if not self.up:
             for out in items:
                 out.done(False)

@@ -70,7 +70,10 @@ def _expire(session: Session, buffer: _Buffer) -> None:
 
 @contextmanager
 def savepoint(session: Session) -> Iterator[None]:
-    """``session.begin_nested()`` whose assignments are written before its release."""
+    """``session.begin_nested()`` whose assignments are written before its release. Never
+    inside a batch: the outer batch would write what this savepoint's rollback undid."""
+    if _KEY in session.info:
+        raise RuntimeError("writeback.savepoint inside a write-back batch")
     with session.begin_nested(), batch(session):
         yield
 

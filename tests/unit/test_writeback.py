@@ -171,3 +171,13 @@ def test_one_of_several_rows_gone_is_an_error(engine: Engine) -> None:
             for device in devices:
                 writeback.assign(s, device, next_seq=2)
             s.execute(delete(Device).where(Device.id == "dev-bb"))  # type: ignore[arg-type]
+
+
+def test_a_savepoint_inside_a_batch_is_refused(engine: Engine) -> None:
+    with (
+        Session(engine) as s,
+        writeback.batch(s),
+        pytest.raises(RuntimeError, match="inside a write-back batch"),
+        writeback.savepoint(s),
+    ):
+        pass
