@@ -17,11 +17,11 @@ written, and a savepoint's rollback expires only what the ORM flushed itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Table, bindparam, inspect, update
+from sqlalchemy import Column, Table, bindparam, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel
 
@@ -35,7 +35,7 @@ class _Buffer:
     def __init__(self) -> None:
         self.columns: dict[int, tuple[SQLModel, set[str]]] = {}  # by id(object)
 
-    def note(self, obj: SQLModel, names: Iterator[str] | Any) -> None:
+    def note(self, obj: SQLModel, names: Iterable[str]) -> None:
         entry = self.columns.get(id(obj))
         if entry is None:
             self.columns[id(obj)] = (obj, set(names))
@@ -79,16 +79,15 @@ def savepoint(session: Session) -> Iterator[None]:
 
 
 def _write(session: Session, buffer: _Buffer) -> None:
-    groups: dict[tuple[Table, tuple[str, ...]], list[dict[str, Any]]] = {}
+    groups: dict[tuple[Table, Column[Any], tuple[str, ...]], list[dict[str, Any]]] = {}
     for obj, names in buffer.columns.values():
         table: Table = obj.__table__  # type: ignore[attr-defined]
         (pk,) = table.primary_key.columns
         cols = tuple(sorted(names))
         row = {name: obj.__dict__[name] for name in cols}
         row["pk_"] = obj.__dict__[pk.name]
-        groups.setdefault((table, cols), []).append(row)
-    for (table, cols), rows in groups.items():
-        (pk,) = table.primary_key.columns
+        groups.setdefault((table, pk, cols), []).append(row)
+    for (table, pk, cols), rows in groups.items():
         stmt = (
             update(table)
             .where(pk == bindparam("pk_"))

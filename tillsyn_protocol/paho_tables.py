@@ -24,8 +24,7 @@ _ORIGINAL_INIT = Properties.__init__
 
 def tables() -> tuple[tuple[str, ...], MappingProxyType[str, int], MappingProxyType[int, Any]]:
     """paho's own tables, as its constructor builds them, frozen."""
-    proto = Properties.__new__(Properties)
-    _ORIGINAL_INIT(proto, PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    proto = original(PacketTypes.PUBLISH)
     return tuple(proto.types), MappingProxyType(proto.names), MappingProxyType(proto.properties)
 
 
@@ -47,7 +46,7 @@ def install() -> None:
 
 
 def original(packet_type: int) -> Properties:
-    """An instance made by paho's own constructor (for the tests)."""
+    """An instance made by paho's own constructor (the tables' source; the tests')."""
     obj = Properties.__new__(Properties)
     _ORIGINAL_INIT(obj, packet_type)  # type: ignore[no-untyped-call]
     return obj
