@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import insert, or_
 from sqlmodel import Session, col, select
@@ -39,6 +40,19 @@ _LOCK_KINDS = (CommandKind.ARM, CommandKind.DISARM)
 RESEND_BACKOFF_MAX_DOUBLINGS = 2
 # The ack timeout never grows past this many resend_after_s, however slow acks have been.
 ACK_TIMEOUT_MAX_FACTOR = 6.0
+# An arm signed ahead for an instant is used up to this long after it (the last parts of a
+# big edge are issued seconds late), never before it, and dropped after it.
+PRESIGN_MAX_AGE_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Presigned:
+    """An arm token signed ahead for an instant: claims (iat = nbf = the instant) and
+    signature exactly as :meth:`Ledger.issue` would make them then."""
+
+    at: float
+    jti: str
+    token: str
 
 
 _NEW = "tillsyn.new_commands"  # session.info: commands issued in a batch, not yet inserted
@@ -145,6 +159,52 @@ class Ledger:
         self._key = key
         self._metrics = metrics
         self.ack_timer = AckTimer()
+        # (device, seq, until) -> an arm signed ahead (:meth:`presign`). Used and written
+        # on the database thread only, like the rest of the ledger.
+        self._presigned: dict[tuple[str, int, int], Presigned] = {}
+
+    def presign(self, arms: Iterable[tuple[str, int, int]], at: float) -> int:
+        """Sign these arms (device, seq, until) now for the instant ``at``, to be used by
+        :meth:`issue` if it issues exactly that arm then; returns how many were signed.
+
+        A window start where thousands of windows open at once spends a fifth of its edge
+        on Ed25519 and JWS encoding; signed a little ahead, in a quiet moment, that work is
+        off the storm. Nothing changes for the device or the ledger: the token carries the
+        same claims (``iat`` = ``nbf`` = the instant, so it is not valid before it either)
+        and is recorded and sent only when the edge issues it. A prediction that no longer
+        holds (another command took the seq, the plan changed) is simply not used."""
+        self.forget_presigned(at)
+        n = 0
+        for device_id, seq, until in arms:
+            try:
+                claims = tk.arm(device_id, seq=seq, now=at, until=until)
+            except ValueError:  # (pydantic's ValidationError)
+                continue  # not a valid arm at that instant: issue() decides then
+            self._presigned[(device_id, seq, until)] = Presigned(
+                at, claims.jti, sign(claims, self._key)
+            )
+            n += 1
+        return n
+
+    def forget_presigned(self, now: float) -> None:
+        """Drop arms signed ahead that can no longer be used (the sweep calls this)."""
+        if not self._presigned:
+            return
+        stale = [k for k, p in self._presigned.items() if p.at + PRESIGN_MAX_AGE_S < now]
+        for k in stale:
+            del self._presigned[k]
+        if stale:
+            log.info("%d arms signed ahead were not used", len(stale))
+
+    def _signed(
+        self, device_id: str, kind: CommandKind, seq: int, until: int | None, now: float
+    ) -> Presigned | None:
+        if kind is not CommandKind.ARM or until is None or not self._presigned:
+            return None
+        found = self._presigned.pop((device_id, seq, until), None)
+        if found is None or not found.at <= now < found.at + PRESIGN_MAX_AGE_S:
+            return None
+        return found
 
     def issue(
         self,
@@ -167,33 +227,39 @@ class Ledger:
         """
         seq = max(device.next_seq, device.device_last_seq + 1)
         writeback.assign(session, device, next_seq=seq + 1)
-        match kind:
-            case CommandKind.ARM:
-                assert until is not None
-                claims = tk.arm(device.id, seq=seq, now=now, until=until)
-            case CommandKind.DISARM:
-                claims = tk.disarm(device.id, seq=seq, now=now)
-            case CommandKind.LOOK:
-                assert staff is not None and max_s is not None and look_id is not None
-                claims = tk.look(
-                    device.id, seq=seq, now=now, staff=staff, max_s=max_s, look_id=look_id
-                )
+        ahead = self._signed(device.id, kind, seq, until, now)
+        if ahead is not None:
+            assert until is not None
+            jti, token, exp = ahead.jti, ahead.token, until
+        else:
+            match kind:
+                case CommandKind.ARM:
+                    assert until is not None
+                    claims = tk.arm(device.id, seq=seq, now=now, until=until)
+                case CommandKind.DISARM:
+                    claims = tk.disarm(device.id, seq=seq, now=now)
+                case CommandKind.LOOK:
+                    assert staff is not None and max_s is not None and look_id is not None
+                    claims = tk.look(
+                        device.id, seq=seq, now=now, staff=staff, max_s=max_s, look_id=look_id
+                    )
+            jti, token, exp = claims.jti, sign(claims, self._key), claims.exp
         if kind in _LOCK_KINDS:
             if pending is None:
                 pending = list(self.pending(session, device.id))
             self._supersede(session, pending, now)
         command = new_row(
             Command,
-            jti=claims.jti,
+            jti=jti,
             device_id=device.id,
             seq=seq,
             kind=kind,
             until=until,
             look_id=look_id,
             staff_id=staff,
-            token=sign(claims, self._key),
+            token=token,
             created_at=now,
-            expires_at=float(claims.exp),
+            expires_at=float(exp),
             attempts=1,
             last_sent_at=now,
         )
@@ -213,7 +279,7 @@ class Ledger:
             subject=device.id,
             kind=kind.value,
             seq=seq,
-            jti=claims.jti,
+            jti=jti,
             until=until,
             look_id=look_id,
         )

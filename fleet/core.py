@@ -52,6 +52,7 @@ from .outbound import Publish
 from .plan_models import Check, Outcome
 from .reconcile import (
     Policy,
+    arm_ahead,
     device_spans,
     next_edge,
     open_span,
@@ -120,9 +121,18 @@ class FleetOps:
             }
         return Reconciled(out, edges)
 
+    def presign(self, device_ids: list[str], at: float) -> int:
+        """Sign ahead the arms these devices' edge at ``at`` is expected to issue (read
+        only: nothing is recorded or sent before the edge); returns how many."""
+        with self.session() as session:
+            loaded = snapshot.load(session, device_ids, at, 1.0)
+            arms = [a for data in loaded.values() if (a := arm_ahead(data, at)) is not None]
+        return self.ledger.presign(arms, at)
+
     def begin_full_pass(self, now: float) -> tuple[list[Publish], list[str]]:
         """A full pass in parts (the service's sweep): care-plan checks rolled forward, and
         every device id, to be reconciled a part at a time (:meth:`reconcile`)."""
+        self.ledger.forget_presigned(now)
         with self.session() as session:
             out = checks.ensure_synced(session, self.check_ctx, now)
             ids = list(session.exec(select(Device.id).order_by(col(Device.id))))

@@ -172,6 +172,25 @@ def next_edge(
     return min(future) if future else None
 
 
+def arm_ahead(data: DeviceData, at: float) -> tuple[str, int, int] | None:
+    """The arm :func:`reconcile_device` will issue at ``at`` if nothing about the device
+    changes until then, as (device, seq, until), for the ledger to sign ahead; None if it
+    will issue none. Only a prediction: the edge decides again, and uses the signature
+    only for exactly this arm."""
+    device = data.device
+    if device.hold_until is not None and at < device.hold_until:
+        return None
+    occ = open_span(spans_of(data.windows, data.arming(), at - 1, at + 1), at)
+    if occ is None:
+        return None
+    until = int(occ.end)
+    if device.reported_state is not LockState.LOCKED and device.armed_until == until:
+        return None
+    if any(c.kind is CommandKind.ARM and c.until == until for c in data.pending_now()):
+        return None
+    return device.id, max(device.next_seq, device.device_last_seq + 1), until
+
+
 def reconcile_device(
     session: Session,
     ledger: Ledger,

@@ -45,10 +45,20 @@ log = logging.getLogger(__name__)
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600}
 # Edges are rounded *up* to this grid (ms), so edges a few ms apart share one job.
 EDGE_TICK_MS = 50
+# An instant with at least this many devices gets a job this long before it that lets the
+# service prepare the edge's commands (sign its arms ahead: Ledger.presign). Useless once
+# the instant is near, so it is dropped rather than run late.
+PRESIGN_MIN_DEVICES = 50
+PRESIGN_LEAD_S = 30.0
+PRESIGN_GRACE_S = 10
 
 
 def _edge_job_id(instant_ms: int) -> str:
     return f"edge:@{instant_ms}"  # an instant (epoch ms), never a device id
+
+
+def _presign_job_id(instant_ms: int) -> str:
+    return f"presign:@{instant_ms}"
 
 
 class FleetScheduler:
@@ -60,9 +70,12 @@ class FleetScheduler:
         periodic: dict[str, tuple[float, Callable[[], Awaitable[None]]]],
         clock: Callable[[], float] = time.time,
         on_missed: Callable[[str, list[str] | None], None] | None = None,
+        on_presign: Callable[[list[str], float], Awaitable[None]] | None = None,
     ) -> None:
         self._metrics = metrics
         self._on_edge = on_edge
+        self._on_presign = on_presign
+        self._presign_planned: set[int] = set()  # instants with a presign job
         self._periodic = periodic
         self._clock = clock
         self._on_missed = on_missed
@@ -117,7 +130,8 @@ class FleetScheduler:
             )
         self._sched.start(paused=paused)
         self._paused = paused
-        self._metrics.init_jobs([*self._periodic, "edge"])
+        presign = ["presign"] if self._on_presign is not None else []
+        self._metrics.init_jobs([*self._periodic, "edge", *presign])
         self._metrics.scheduler_running.set(0 if paused else 1)
 
     def shutdown(self) -> None:
@@ -140,6 +154,10 @@ class FleetScheduler:
                     touched.discard(old)
                     with contextlib.suppress(JobLookupError):
                         self._sched.remove_job(_edge_job_id(old))
+                    if old in self._presign_planned:
+                        self._presign_planned.discard(old)
+                        with contextlib.suppress(JobLookupError):
+                            self._sched.remove_job(_presign_job_id(old))
             if at is None:
                 continue
             # Never early: an edge reconciled before its instant changes nothing.
@@ -162,6 +180,32 @@ class FleetScheduler:
                 name=job_id,
                 replace_existing=True,
             )
+            self._plan_presign(instant, now)
+
+    def _plan_presign(self, instant: int, now: float) -> None:
+        """A presign job for a crowded instant far enough ahead (once per instant)."""
+        if self._on_presign is None or instant in self._presign_planned:
+            return
+        ahead = instant / 1000 - PRESIGN_LEAD_S - now
+        if ahead <= 0 or len(self._edge_devices.get(instant, ())) < PRESIGN_MIN_DEVICES:
+            return
+        self._presign_planned.add(instant)
+        job_id = _presign_job_id(instant)
+        self._sched.add_job(
+            self._fire_presign,
+            DateTrigger(run_date=datetime.now(UTC) + timedelta(seconds=ahead)),
+            args=[instant],
+            id=job_id,
+            name=job_id,
+            replace_existing=True,
+            misfire_grace_time=PRESIGN_GRACE_S,
+        )
+
+    async def _fire_presign(self, instant: int) -> None:
+        self._presign_planned.discard(instant)
+        devices = sorted(self._edge_devices.get(instant, ()))
+        if devices and self._on_presign is not None and self._clock() * 1000 < instant:
+            await self._on_presign(devices, instant / 1000)
 
     async def _fire_edge(self, instant: int) -> None:
         """Reconcile the devices of this instant, and any added to it while that runs: a
@@ -196,7 +240,7 @@ class FleetScheduler:
         out = []
         for j in self._sched.get_jobs():
             job = {"id": j.id, "next_run": j.next_run_time.isoformat() if j.next_run_time else None}
-            if j.id.startswith("edge:@"):
+            if j.id.startswith(("edge:@", "presign:@")):
                 job["devices"] = len(self._edge_devices.get(j.args[0], ()))
             out.append(job)
         return out
@@ -208,6 +252,10 @@ class FleetScheduler:
             # found its previous run still going is only counted.
             family = job_type(event.job_id)
             missed = event.code == EVENT_JOB_MISSED
+            if family == "presign":  # only an optimisation: the edge itself is on time
+                self._presign_planned.discard(int(event.job_id.removeprefix("presign:@")))
+                log.info("scheduler job %s skipped (too late to be of use)", event.job_id)
+                return
             if missed or family == "edge":
                 self._metrics.jobs_missed.labels(job_type=family).inc()
                 self.alerts = [
