@@ -42,6 +42,28 @@ class RunDb(Protocol):
     async def __call__(self, fn: Callable[..., T], /, *args: Any) -> T: ...
 
 
+class KnownDevices:
+    """The registered device ids, each string kept once. An id sliced from a topic is
+    replaced by the stored one, so what outlives the message (liveness's online and
+    dirty sets, queued device messages) holds one string per device, not a new copy per
+    heartbeat: about 0.1 KB per connected device at 10,000."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+
+    def add(self, device_id: str) -> None:
+        self._ids.setdefault(device_id, device_id)
+
+    def get(self, device_id: str) -> str | None:
+        return self._ids.get(device_id)
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 class Ingest:
     def __init__(
         self,
@@ -62,7 +84,7 @@ class Ingest:
         self._reconcile = reconcile
         self._clock = clock
         self._publish = publish
-        self.known: set[str] = set()
+        self.known = KnownDevices()
         # State, ack and event messages queued for the database thread (none: one
         # transaction each); ``submit`` puts a job on that thread without waiting.
         self.inbound = (
@@ -81,9 +103,9 @@ class Ingest:
         """
         if not (topic.startswith(_DEVICE_PREFIX) and topic.endswith(_HB_SUFFIX)):
             return False
-        device_id = topic[len(_DEVICE_PREFIX) : -len(_HB_SUFFIX)]
         # Known ids are valid device ids (no "/"), so this was exactly .../dev/{id}/hb.
-        if device_id not in self.known or "/" in device_id:
+        device_id = self.known.get(topic[len(_DEVICE_PREFIX) : -len(_HB_SUFFIX)])
+        if device_id is None:
             return False
         try:
             hb = decode(Heartbeat, payload)
@@ -113,9 +135,11 @@ class Ingest:
             self._reject("unknown", "bad_topic", None, str(exc))
             return
         self._m.messages.labels(channel=channel.value).inc()
-        if device_id not in self.known:
+        known = self.known.get(device_id)
+        if known is None:
             self._reject(channel.value, "unknown_device", device_id, "device not registered")
             return
+        device_id = known
         now = self._clock()
         try:
             touched = await self._dispatch(device_id, channel, payload, now)
