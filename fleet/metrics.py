@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -49,6 +49,30 @@ __all__ = [
 Kind = Literal["counter", "gauge", "histogram"]
 Owner = Literal["gauges", "liveness", "certs", "event", "plans", "outbox", "pairing"]
 M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def _remembered(metric: MetricWrapperBase, values: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """``metric.labels(...)``, each child looked up once per call shape: prometheus_client
+    checks the names, builds the value tuple and takes a lock on every call (a few us),
+    and the storm paths call it per message. Counters and histograms only: their
+    children are never removed (a gauge's are, which would leave a stale child here)."""
+    memo: dict[Any, Any] = metric.__dict__.setdefault("_tillsyn_children", {})
+    key = (values, tuple(kw.items()))
+    child = memo.get(key)
+    if child is None:
+        child = memo[key] = MetricWrapperBase.labels(metric, *values, **kw)
+    return child
+
+
+class _Counter(Counter):
+    def labels(self, *values: Any, **kw: Any) -> _Counter:
+        return _remembered(self, values, kw)  # type: ignore[no-any-return]
+
+
+class _Histogram(Histogram):
+    def labels(self, *values: Any, **kw: Any) -> _Histogram:
+        return _remembered(self, values, kw)  # type: ignore[no-any-return]
+
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
@@ -471,7 +495,7 @@ class FleetMetrics:
         *,
         init: Iterable[Mapping[str, str]] = (),
     ) -> Counter:
-        metric = Counter(name, help_, labels, registry=self.registry)
+        metric = _Counter(name, help_, labels, registry=self.registry)
         return self._add(metric, f"{name}_total", "counter", help_, labels, owner, init)
 
     def _histogram(
@@ -483,7 +507,7 @@ class FleetMetrics:
         *,
         buckets: Sequence[float],
     ) -> Histogram:
-        metric = Histogram(name, help_, labels, buckets=buckets, registry=self.registry)
+        metric = _Histogram(name, help_, labels, buckets=buckets, registry=self.registry)
         return self._add(metric, name, "histogram", help_, labels, owner, ())
 
     # --- helpers for feeders -----------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Device ids sliced from topics are replaced by the one stored string per registered
-device (fleet.ingest.KnownDevices), so what outlives a heartbeat holds no copy of its own."""
+"""Ingest's storm economies: device ids sliced from topics are replaced by the one stored
+string per registered device (fleet.ingest.KnownDevices), so what outlives a heartbeat
+holds no copy of its own; events the database has nothing to do with are not queued."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from fleet.batch import Applied, Inbound
 from fleet.config import FleetSettings
 from fleet.ingest import KnownDevices
+from fleet.models import Device
 from fleet.service import FleetService
-from tillsyn_protocol import CameraHealth, Channel, Heartbeat, LockState, device_topic, encode
+from tillsyn_protocol import (
+    CameraHealth,
+    Channel,
+    Event,
+    EventKind,
+    Heartbeat,
+    LockState,
+    device_topic,
+    encode,
+)
 
 
 def test_known_devices_hand_back_the_stored_string() -> None:
@@ -51,6 +63,61 @@ async def test_a_heartbeat_leaves_only_the_stored_id_behind(tmp_path: Path) -> N
         assert online is stored
         # An unknown device's heartbeat is not handled here (the event loop rejects it).
         assert not service.ingest.heartbeat_fast(device_topic("dev-k0002", Channel.HB), b"{}")
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
+
+
+async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path: Path) -> None:
+    """A BOOT or STATE_CHANGED event changes nothing in the database (the state report
+    carries the state): from an online device it is not queued; from a device coming
+    back it is (its contact is what brings the device back), and other kinds always are."""
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    now = 1_800_000_000.0
+    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: now)
+    applied: list[tuple[str, str, bool]] = []
+    apply = service.ops.apply_inbound
+
+    def recording(items: list[Inbound]) -> Applied:
+        applied.extend(
+            (i.device_id, getattr(i.message, "kind", type(i.message).__name__), i.contact)
+            for i in items
+        )
+        return apply(items)
+
+    service.ops.apply_inbound = recording  # type: ignore[method-assign]
+    assert service.ingest.inbound is not None
+    service.ingest.inbound._apply = recording
+    try:
+        with service.ops.session() as s:
+            s.add_all(Device(id=d, resident_id=f"res-{d}") for d in ("dev-on", "dev-back"))
+        for d in ("dev-on", "dev-back"):
+            service.ingest.known.add(d)
+        service.liveness.baseline("dev-on", now, online=True)
+        service.liveness.baseline("dev-back", now - 600, online=False)
+
+        def event(kind: EventKind) -> bytes:
+            return encode(Event(ts=now, kind=kind, state=LockState.ARMED))
+
+        for kind in (EventKind.STATE_CHANGED, EventKind.BOOT, EventKind.TOKEN_REFUSED):
+            await service.ingest.handle(device_topic("dev-on", Channel.EVENT), event(kind))
+        await service.ingest.handle(
+            device_topic("dev-back", Channel.EVENT), event(EventKind.STATE_CHANGED)
+        )
+        await service.ingest.inbound.drain()
+        assert applied == [
+            ("dev-on", EventKind.TOKEN_REFUSED, False),
+            ("dev-back", EventKind.STATE_CHANGED, True),
+        ]
+        assert service.liveness.is_online("dev-back")
+        assert (
+            service.metrics.registry.get_sample_value(
+                "tillsyn_ingest_messages_total", {"channel": "event"}
+            )
+            == 4
+        )
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()

@@ -417,3 +417,25 @@ def test_care_plan_checks_count_as_windows_for_the_gauges(ops: FleetOps) -> None
     assert value(m, "tillsyn_windows_open") == 1
     assert value(m, "tillsyn_windows_upcoming", within="1h") == 1
     assert value(m, "tillsyn_lock_state_mismatch", desired="armed") == 1
+
+
+def test_counter_and_histogram_children_are_looked_up_once() -> None:
+    """labels() of counters and histograms is remembered per call shape (the storm paths
+    call it per message); the children are prometheus_client's own, errors still raise."""
+    m = FleetMetrics(CollectorRegistry())
+    a = m.commands.labels(kind="arm", outcome="issued")
+    assert m.commands.labels(kind="arm", outcome="issued") is a
+    assert m.commands.labels("arm", "issued") is a  # positional: the same child
+    a.inc()
+    m.commands.labels(kind="arm", outcome="issued").inc(2)
+    assert value(m, "tillsyn_commands_total", kind="arm", outcome="issued") == 3
+    h = m.command_latency.labels(kind="arm")
+    assert m.command_latency.labels(kind="arm") is h
+    h.observe(1.5)
+    assert (
+        m.registry.get_sample_value("tillsyn_command_roundtrip_seconds_count", {"kind": "arm"}) == 1
+    )
+    with pytest.raises(ValueError, match="Incorrect label names"):
+        m.commands.labels(kind="arm")
+    with pytest.raises(ValueError, match="Incorrect label names"):
+        m.commands.labels(kind="arm")  # not remembered as anything
