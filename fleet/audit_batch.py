@@ -11,7 +11,6 @@ chain (``audit.verify``) is the same kind of chain.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ def append(
         audit.append(session, ts=ts, actor=actor, action=action, subject=subject, **detail)
         return
     # The same text as audit.append hashes and stores.
-    text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+    text = audit.detail_text(detail)
     buffer.append(_Entry(ts, actor, action, subject, text))
 
 

@@ -5,11 +5,14 @@ The schema comes from the Alembic migrations (:mod:`fleet.migrate`), never ``cre
 
 from __future__ import annotations
 
+import enum
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic.fields import FieldInfo
 from sqlalchemy import Engine, MetaData, event
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -30,6 +33,25 @@ M = TypeVar("M", bound=SQLModel)
 B = TypeVar("B")
 
 
+_REQUIRED = object()
+_CONSTANT = (type(None), bool, int, float, str, bytes, enum.Enum)
+
+
+@functools.cache
+def _defaults(cls: type[SQLModel]) -> tuple[tuple[str, Any], ...]:
+    """Each field with its default: the value itself when immutable (shared, as pydantic's
+    copy would return it anyway), else the field (its factory or copy made per row)."""
+    out: list[tuple[str, Any]] = []
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            out.append((name, _REQUIRED))
+        elif field.default_factory is None and isinstance(field.default, _CONSTANT):
+            out.append((name, field.default))
+        else:
+            out.append((name, field))
+    return tuple(out)
+
+
 def new_row(cls: type[M], **values: Any) -> M:
     """A new row object, as ``cls(**values)`` makes it (defaults filled, nothing
     validated: table models never validate; a missing required field or an unknown one
@@ -45,13 +67,15 @@ def new_row(cls: type[M], **values: Any) -> M:
     obj: M = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
     given = set(values)
     fields = obj.__dict__
-    for name, field in cls.model_fields.items():
+    for name, default in _defaults(cls):
         if name in values:
             fields[name] = values.pop(name)
-        elif not field.is_required():
-            fields[name] = field.get_default(call_default_factory=True)
-        else:
+        elif default is _REQUIRED:
             raise TypeError(f"{cls.__name__}: {name} is required")
+        elif isinstance(default, FieldInfo):
+            fields[name] = default.get_default(call_default_factory=True)
+        else:
+            fields[name] = default
     if values:
         raise TypeError(f"{cls.__name__}: no field {', '.join(sorted(values))}")
     object.__setattr__(obj, "__pydantic_fields_set__", given)

@@ -117,21 +117,42 @@ def open_window(windows: Iterable[Window], now: float) -> Occurrence | None:
     return max(found, key=lambda o: o.end) if found else None
 
 
+WindowKey = tuple[tuple[str, int, str, str], ...]
+
+
 def spans_of(
     windows: Iterable[Window], arming: Iterable[Check], lo: float, hi: float
 ) -> list[Span]:
     """Windows and arming checks overlapping [lo, hi), overlapping ones merged, in order."""
+    key: WindowKey = tuple(
+        (w.start_local, w.duration_s, w.tz, w.weekdays) for w in windows if w.active
+    )
+    found = checks.overlapping(arming, lo, hi)
+    if not found:
+        return list(_window_spans(key, lo, hi))
+    return _merged(_window_raw(key, lo, hi) + [Span(c.start_at, c.end_at, (c,)) for c in found])
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_spans(key: WindowKey, lo: float, hi: float) -> tuple[Span, ...]:
+    """:func:`spans_of` of windows alone. Memoised: a reconcile pass decides every device
+    at one ``now``, and thousands of devices share a few agreed times (an edge's spans
+    and next edges, computed per device, were 6 % of a window start storm). Spans are
+    frozen, so the result is shared."""
+    return tuple(_merged(_window_raw(key, lo, hi)))
+
+
+def _window_raw(key: WindowKey, lo: float, hi: float) -> list[Span]:
     day0, day1 = int(lo // DAY_S), int(hi // DAY_S) + 1
-    raw = [
+    return [
         Span(start, end)
-        for w in windows
-        if w.active
-        for start, end in _window_day_times(
-            w.start_local, w.duration_s, w.tz, w.weekdays, day0, day1
-        )
+        for start_local, duration_s, tz, weekdays in key
+        for start, end in _window_day_times(start_local, duration_s, tz, weekdays, day0, day1)
         if end > lo and start < hi
     ]
-    raw += [Span(c.start_at, c.end_at, (c,)) for c in checks.overlapping(arming, lo, hi)]
+
+
+def _merged(raw: list[Span]) -> list[Span]:
     merged: list[Span] = []
     for span in sorted(raw, key=lambda s: (s.start, s.end)):
         if merged and span.start < merged[-1].end:

@@ -180,3 +180,30 @@ def test_concurrent_appends_wait_for_the_head_instead_of_failing(engine) -> None
     with Session(engine) as s:
         report = audit.verify(s)
         assert report.ok and report.entries == 3
+
+
+def test_the_prebuilt_encoders_write_what_json_dumps_wrote() -> None:
+    """Entries written before the encoders were prebuilt must still verify: the detail
+    text and the hashed body are byte for byte what ``json.dumps`` made of them."""
+    import enum
+    import hashlib
+    import json
+    from datetime import UTC, datetime
+
+    class Kind(enum.StrEnum):
+        ARM = "arm"
+
+    details = [
+        {},
+        {"b": 1, "a": None, "c": [1.5, True, "x"]},
+        {"kind": Kind.ARM, "at": datetime(2027, 1, 11, 22, tzinfo=UTC), "n": 10**20},
+        {"name": "Åsa \u00e4\u2603", "f": 1e16, "g": 0.1 + 0.2, "nested": {"z": 1, "y": [None]}},
+    ]
+    for d in details:
+        old = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        assert audit.detail_text(d) == old
+        body = json.dumps(
+            ["0" * 64, round(1799.1234567, 6), "a", "b", None, old], separators=(",", ":")
+        )
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        assert audit._digest("0" * 64, 1799.1234567, "a", "b", None, old) == digest

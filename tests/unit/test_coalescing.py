@@ -232,3 +232,30 @@ async def test_an_idle_database_thread_waits_briefly_for_the_rest_of_a_burst() -
     await queue.drain()
     assert batches == [[1, 2, 3], [4]] and time.monotonic() - t0 < 0.4
     executor.shutdown()
+
+
+def test_a_periodic_job_overlapping_itself_is_no_warning(caplog: Any) -> None:
+    """APScheduler's own warning for a periodic job whose previous run is still going
+    (every 2 s for liveness in a window start) is dropped; the listener logs it at debug
+    level, and an edge that overlaps is still an error and an alert."""
+    import logging
+
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES
+
+    missed: list[tuple[str, list[str] | None]] = []
+    sched = _scheduler([], missed)
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("apscheduler.scheduler").warning(
+            'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
+            "liveness",
+            1,
+        )
+        logging.getLogger("apscheduler.scheduler").warning("something else")
+        sched._listen(JobEvent(EVENT_JOB_MAX_INSTANCES, "liveness", None))
+        sched._listen(JobEvent(EVENT_JOB_MAX_INSTANCES, "edge:@1000", None))
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("WARNING", "something else") in levels
+    assert not any("maximum number" in m for _, m in levels)
+    assert ("DEBUG", "scheduler job liveness skipped: its previous run is still going") in levels
+    assert ("ERROR", "scheduler job edge:@1000 did not run at its time") in levels
+    assert [job for job, _ in missed] == ["edge:@1000"]

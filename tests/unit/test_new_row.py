@@ -60,3 +60,16 @@ def test_inserted_and_tracked_like_a_constructed_one(tmp_path: Path) -> None:
             "id": command.id,
             "status": CommandStatus.APPLIED,
         }
+
+
+def test_defaults_with_a_factory_are_made_per_row() -> None:
+    """Immutable defaults are shared (pydantic would hand back the same object); a
+    factory runs for every row, as in the constructor."""
+    from fleet.models import Window
+
+    a = new_row(Window, device_id="dev-1", start_local="22:00:00", duration_s=600)
+    b = new_row(Window, device_id="dev-1", start_local="22:00:00", duration_s=600)
+    made = Window(device_id="dev-1", start_local="22:00:00", duration_s=600)
+    assert a.model_dump(exclude={"created_at"}) == made.model_dump(exclude={"created_at"})
+    assert a.weekdays == "0123456" and a.tz == "Europe/Stockholm" and a.active is True
+    assert a.created_at is not b.created_at and a.created_at <= b.created_at
