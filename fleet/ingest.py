@@ -38,6 +38,7 @@ _DEVICE_PREFIX = DEVICE_ROOT + "/"
 # report): from a device that is online they are counted and dropped here. At a window
 # start they were a third of the storm's device messages.
 _NOTHING_TO_APPLY = frozenset({EventKind.BOOT, EventKind.STATE_CHANGED})
+_CHANNELS = {c.value: c for c in Channel}
 _HB_SUFFIX = "/" + Channel.HB.value
 
 T = TypeVar("T")
@@ -96,7 +97,8 @@ class Ingest:
             InboundQueue(ops.apply_inbound, submit=submit, done=self._applied) if submit else None
         )
         # Resolved once: a labelled child costs a dict lookup and a lock per call.
-        self._hb_messages = metrics.messages.labels(channel=Channel.HB.value)
+        self._messages = {c: metrics.messages.labels(channel=c.value) for c in Channel}
+        self._hb_messages = self._messages[Channel.HB]
         self._skew = metrics.clock_skew
 
     def heartbeat_fast(self, topic: str, payload: bytes) -> bool:
@@ -133,18 +135,29 @@ class Ingest:
         self._m.ingest_errors.labels(channel=channel, why=why).inc()
         log.warning("rejected %s message from %s: %s", channel, device_id or "?", detail[:160])
 
+    def _known_topic(self, topic: str) -> tuple[str, Channel] | None:
+        """``.../dev/{id}/{channel}`` of a registered device, without the strict parser's
+        validation (a registered id is a valid one; anything else gets the parser)."""
+        if not topic.startswith(_DEVICE_PREFIX):
+            return None
+        device_id, _, channel = topic[len(_DEVICE_PREFIX) :].rpartition("/")
+        known, found = self.known.get(device_id), _CHANNELS.get(channel)
+        return None if known is None or found is None else (known, found)
+
     async def handle(self, topic: str, payload: bytes) -> None:
-        try:
-            device_id, channel = parse_device_topic(topic)
-        except TopicError as exc:
-            self._reject("unknown", "bad_topic", None, str(exc))
-            return
-        self._m.messages.labels(channel=channel.value).inc()
-        known = self.known.get(device_id)
-        if known is None:
+        found = self._known_topic(topic)
+        if found is not None:
+            device_id, channel = found
+            self._messages[channel].inc()
+        else:
+            try:
+                device_id, channel = parse_device_topic(topic)
+            except TopicError as exc:
+                self._reject("unknown", "bad_topic", None, str(exc))
+                return
+            self._messages[channel].inc()
             self._reject(channel.value, "unknown_device", device_id, "device not registered")
             return
-        device_id = known
         now = self._clock()
         try:
             touched = await self._dispatch(device_id, channel, payload, now)

@@ -121,3 +121,53 @@ async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()
+
+
+async def test_topics_of_registered_devices_skip_the_strict_parser_and_others_do_not(
+    tmp_path: Path,
+) -> None:
+    """A registered device's topic is split without the strict parser; every other topic
+    still goes through it and is rejected as before (bad topic, unknown device)."""
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    now = 1_800_000_000.0
+    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: now)
+    seen: list[tuple[str, str]] = []
+    apply = service.ops.apply_inbound
+
+    def recording(items: list[Inbound]) -> Applied:
+        seen.extend((i.device_id, type(i.message).__name__) for i in items)
+        return apply(items)
+
+    assert service.ingest.inbound is not None
+    service.ingest.inbound._apply = recording
+
+    def count(name: str, **labels: str) -> float:
+        return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    try:
+        with service.ops.session() as s:
+            s.add(Device(id="dev-ok", resident_id="res-ok"))
+        service.ingest.known.add("dev-ok")
+        service.liveness.baseline("dev-ok", now, online=True)
+        event = encode(Event(ts=now, kind=EventKind.TOKEN_REFUSED, state=LockState.LOCKED))
+        await service.ingest.handle("tillsyn/v1/dev/dev-ok/event", event)
+        await service.ingest.handle("tillsyn/v1/dev/dev-nope/event", event)
+        for bad in (
+            "tillsyn/v1/dev/dev-ok/extra/event",
+            "tillsyn/v1/dev/dev-ok/nonsense",
+            "tillsyn/v2/dev/dev-ok/event",
+            "tillsyn/v1/dev//event",
+        ):
+            await service.ingest.handle(bad, event)
+        await service.ingest.handle("tillsyn/v1/dev/dev-ok/cmd", b"x")
+        await service.ingest.inbound.drain()
+        assert seen == [("dev-ok", "Event")]
+        assert count("tillsyn_ingest_messages_total", channel="event") == 2
+        assert count("tillsyn_ingest_rejected_total", channel="event", why="unknown_device") == 1
+        assert count("tillsyn_ingest_rejected_total", channel="unknown", why="bad_topic") == 4
+        assert count("tillsyn_ingest_rejected_total", channel="cmd", why="unexpected") == 1
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
