@@ -5,6 +5,7 @@ two databases can be compared (ids, jtis and signatures differ; what was decided
 from __future__ import annotations
 
 import random
+import shutil
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,19 @@ def new_ops(root: Path, key_file: Path) -> FleetOps:
     key = signing.load_or_create(key_file)
     policy = Policy(arm_confirm_s=60, visit_horizon_s=3600, preflight_s=1800)
     return FleetOps(engine, key, FleetMetrics(), policy)
+
+
+def twins(root: Path, seed: int) -> tuple[FleetOps, FleetOps, list[str]]:
+    """Two copies of one random fleet (``build``), in ``root/a`` and ``root/b``, sharing a
+    signing key: one to run a variant on, one to run as before."""
+    key = root / "key.pem"
+    (root / "a").mkdir()
+    a = new_ops(root / "a", key)
+    ids = build(a, seed)
+    (root / "b").mkdir()
+    a.engine.dispose()
+    shutil.copy(root / "a" / "f.db", root / "b" / "f.db")
+    return a, new_ops(root / "b", key), ids
 
 
 def build(ops: FleetOps, seed: int, n: int = 14) -> list[str]:

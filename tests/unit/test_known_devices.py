@@ -24,6 +24,15 @@ from tillsyn_protocol import (
     encode,
 )
 
+NOW = 1_800_000_000.0
+
+
+def _service(tmp_path: Path) -> FleetService:
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    return FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
+
 
 def test_known_devices_hand_back_the_stored_string() -> None:
     known = KnownDevices()
@@ -36,11 +45,8 @@ def test_known_devices_hand_back_the_stored_string() -> None:
 
 
 async def test_a_heartbeat_leaves_only_the_stored_id_behind(tmp_path: Path) -> None:
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    now = 1_800_000_000.0
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: now)
+    now = NOW
+    service = _service(tmp_path)
     try:
         stored = "".join(["dev-", "k0001"])
         service.ingest.known.add(stored)
@@ -72,11 +78,8 @@ async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path
     """A BOOT or STATE_CHANGED event changes nothing in the database (the state report
     carries the state): from an online device it is not queued; from a device coming
     back it is (its contact is what brings the device back), and other kinds always are."""
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    now = 1_800_000_000.0
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: now)
+    now = NOW
+    service = _service(tmp_path)
     applied: list[tuple[str, str, bool]] = []
     apply = service.ops.apply_inbound
 
@@ -128,11 +131,8 @@ async def test_topics_of_registered_devices_skip_the_strict_parser_and_others_do
 ) -> None:
     """A registered device's topic is split without the strict parser; every other topic
     still goes through it and is rejected as before (bad topic, unknown device)."""
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    now = 1_800_000_000.0
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: now)
+    now = NOW
+    service = _service(tmp_path)
     seen: list[tuple[str, str]] = []
     apply = service.ops.apply_inbound
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from fleet.outbound import Publish
 from fleet.scheduler import FleetScheduler
 from fleet.service import RECONCILE_PART, FleetService
 from fleet.snapshot import load
-from tests.unit.fleet_sim import STEPS, T0, build, new_ops, outcome, react
+from tests.unit.fleet_sim import STEPS, T0, new_ops, outcome, react, twins
 from tillsyn_protocol import CommandKind, TokenError, keyring, verify
 from tillsyn_protocol.errors import RefusalReason
 
@@ -54,14 +53,7 @@ def test_the_arms_signed_ahead_are_exactly_the_arms_the_edge_issues(
     """Random fleets through a night: signed ahead at each instant, the edge then decides
     exactly what it decides without (commands, devices, visits), and every arm it issues
     is one signed ahead, token and jti, valid from the instant on and not before."""
-    key = tmp_path / "key.pem"
-    (tmp_path / "a").mkdir()
-    a = new_ops(tmp_path / "a", key)
-    ids = build(a, seed)
-    (tmp_path / "b").mkdir()
-    a.engine.dispose()
-    shutil.copy(tmp_path / "a" / "f.db", tmp_path / "b" / "f.db")
-    b = new_ops(tmp_path / "b", key)
+    a, b, ids = twins(tmp_path, seed)
     keys = keyring(a.ledger._key.public_key)
     used = 0
     for step, now in enumerate(STEPS):

@@ -6,7 +6,6 @@ batch of device messages is one transaction in which a bad message is rejected a
 
 from __future__ import annotations
 
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from fleet.models import AuditEvent, Command, CommandStatus, Device, Window
 from fleet.plan_models import ARMING_STATES, Check, CheckState
 from fleet.reconcile import Policy
 from fleet.snapshot import DeviceData
-from tests.unit.fleet_sim import STEPS, T0, build, new_ops, outcome, react
+from tests.unit.fleet_sim import STEPS, T0, new_ops, outcome, react, twins
 from tillsyn_protocol import (
     Ack,
     AckResult,
@@ -40,14 +39,7 @@ from tillsyn_protocol.windows import STOCKHOLM, occurrences_between
 def test_batch_reconcile_decides_what_per_device_reconcile_decides(
     tmp_path: Path, seed: int
 ) -> None:
-    key = tmp_path / "key.pem"
-    (tmp_path / "a").mkdir()
-    a = new_ops(tmp_path / "a", key)
-    ids = build(a, seed)
-    (tmp_path / "b").mkdir()
-    a.engine.dispose()
-    shutil.copy(tmp_path / "a" / "f.db", tmp_path / "b" / "f.db")
-    b = new_ops(tmp_path / "b", key)
+    a, b, ids = twins(tmp_path, seed)
     for step, now in enumerate(STEPS):
         together = a.reconcile(ids, now)
         alone = [b.reconcile([d], now) for d in ids]
