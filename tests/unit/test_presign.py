@@ -150,7 +150,7 @@ def test_nothing_is_recorded_or_sent_when_signing_ahead(ops: FleetOps) -> None:
 async def test_a_crowded_instant_gets_a_presign_job_before_its_edge(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(scheduler_mod, "PRESIGN_LEAD_S", 0.4)
+    monkeypatch.setattr(scheduler_mod, "PRESIGN_LEAD_S", 1.5)
     order: list[tuple[str, int, float | None]] = []
     missed: list[str] = []
 
@@ -169,13 +169,13 @@ async def test_a_crowded_instant_gets_a_presign_job_before_its_edge(
     )
     sched.start()
     try:
-        at = time.time() + 0.8
+        at = time.time() + 2.5  # its presign job 1.5 s before: at +1.0
         crowd = [f"dev-c{i:03d}" for i in range(scheduler_mod.PRESIGN_MIN_DEVICES)]
         sched.set_edges(dict.fromkeys(crowd, at))
         sched.set_edges({"dev-lone": at + 0.5})  # a lone device's instant: no presign job
         ids = sorted(j["id"].split(":")[0] for j in sched.jobs())
         assert ids == ["edge", "edge", "presign"]
-        for _ in range(60):
+        for _ in range(120):
             if len(order) == 3:
                 break
             await asyncio.sleep(0.05)
