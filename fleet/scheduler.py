@@ -17,6 +17,7 @@ reconciles everything, which re-plans every edge (see ``FleetService._liveness``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -290,6 +291,10 @@ class FleetScheduler:
                     self._on_missed(event.job_id, devices)
         elif event.code == EVENT_JOB_ERROR:
             assert isinstance(event, JobExecutionEvent)
+            if isinstance(event.exception, asyncio.CancelledError):
+                # The service is stopping and cancelled the running job: not a failure.
+                log.info("scheduler job %s cancelled", event.job_id)
+                return
             self._metrics.jobs_failed.labels(job_type=job_type(event.job_id)).inc()
             exc = event.exception
             # Class and a bounded message only: no traceback, no SQL parameters (db.py hides them).

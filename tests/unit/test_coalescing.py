@@ -259,3 +259,28 @@ def test_a_periodic_job_overlapping_itself_is_no_warning(caplog: Any) -> None:
     assert ("DEBUG", "scheduler job liveness skipped: its previous run is still going") in levels
     assert ("ERROR", "scheduler job edge:@1000 did not run at its time") in levels
     assert [job for job, _ in missed] == ["edge:@1000"]
+
+
+def test_a_job_cancelled_at_shutdown_is_not_a_failure(caplog: Any) -> None:
+    """Stopping cancels a running sweep: logged at info, not counted as a failed job."""
+    import logging
+    from datetime import UTC, datetime
+
+    from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+
+    metrics = FleetMetrics(CollectorRegistry())
+    sched = FleetScheduler(metrics, on_edge=lambda devices: asyncio.sleep(0), periodic={})
+    when = datetime.now(UTC)
+    with caplog.at_level(logging.INFO):
+        sched._listen(
+            JobExecutionEvent(
+                EVENT_JOB_ERROR, "sweep", None, when, exception=asyncio.CancelledError()
+            )
+        )
+        sched._listen(
+            JobExecutionEvent(EVENT_JOB_ERROR, "sweep", None, when, exception=RuntimeError("x"))
+        )
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "scheduler job sweep cancelled") in levels
+    assert ("ERROR", "scheduler job sweep failed: RuntimeError: x") in levels
+    assert metrics.jobs_failed.labels(job_type="sweep")._value.get() == 1
