@@ -46,7 +46,7 @@ def lock_head(session: Session) -> None:
 
 
 # json.dumps with options builds a new encoder per call; these give the same text
-# (tests/unit/test_audit.py) at half the cost, thousands of entries a window start.
+# (tests/unit/test_audit_chain.py) at half the cost, thousands of entries a window start.
 _BODY = json.JSONEncoder(separators=(",", ":"))
 _DETAIL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 

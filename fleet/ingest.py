@@ -108,12 +108,10 @@ class Ingest:
         unknown device, malformed, or a device coming back); the event loop then takes the
         message through :meth:`handle`, which rejects, logs or writes as before.
         """
-        if not (topic.startswith(_DEVICE_PREFIX) and topic.endswith(_HB_SUFFIX)):
+        found = self._known_topic(topic) if topic.endswith(_HB_SUFFIX) else None
+        if found is None:
             return False
-        # Known ids are valid device ids (no "/"), so this was exactly .../dev/{id}/hb.
-        device_id = self.known.get(topic[len(_DEVICE_PREFIX) : -len(_HB_SUFFIX)])
-        if device_id is None:
-            return False
+        device_id = found[0]
         try:
             hb = decode(Heartbeat, payload)
         except MessageError:

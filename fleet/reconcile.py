@@ -199,17 +199,28 @@ def arm_ahead(data: DeviceData, at: float) -> tuple[str, int, int] | None:
     will issue none. Only a prediction: the edge decides again, and uses the signature
     only for exactly this arm."""
     device = data.device
-    if device.hold_until is not None and at < device.hold_until:
+    if _held(device, at):
         return None
     occ = open_span(spans_of(data.windows, data.arming(), at - 1, at + 1), at)
     if occ is None:
         return None
     until = int(occ.end)
-    if device.reported_state is not LockState.LOCKED and device.armed_until == until:
-        return None
-    if any(c.kind is CommandKind.ARM and c.until == until for c in data.pending_now()):
+    if _armed_until(device, until) or _arm_pending(data.pending_now(), until):
         return None
     return device.id, max(device.next_seq, device.device_last_seq + 1), until
+
+
+def _held(device: Device, now: float) -> bool:
+    """A commissioning test is driving this device (fleet/commissioning.py)."""
+    return device.hold_until is not None and now < device.hold_until
+
+
+def _armed_until(device: Device, until: int) -> bool:
+    return device.reported_state is not LockState.LOCKED and device.armed_until == until
+
+
+def _arm_pending(pending: Iterable[Command], until: int) -> bool:
+    return any(c.kind is CommandKind.ARM and c.until == until for c in pending)
 
 
 def reconcile_device(
@@ -223,8 +234,8 @@ def reconcile_device(
     """One device, from what ``fleet.snapshot.load`` read (for many devices at once);
     writes go to the caller's session, in the caller's transaction."""
     device = data.device
-    if device.hold_until is not None and now < device.hold_until:
-        return []  # a commissioning test is driving this device (fleet/commissioning.py)
+    if _held(device, now):
+        return []
     ctx = checks.Ctx(metrics, policy.preflight_s)
     out: list[Publish] = checks.advance_device(session, ctx, data, now)
     ahead = max(policy.visit_horizon_s, policy.preflight_s)
@@ -234,9 +245,8 @@ def reconcile_device(
     reported = device.reported_state
     if occ is not None:
         until = int(occ.end)
-        armed = reported is not LockState.LOCKED and device.armed_until == until
-        arm_pending = any(c.kind is CommandKind.ARM and c.until == until for c in pending)
-        if not armed and not arm_pending:
+        armed = _armed_until(device, until)
+        if not armed and not _arm_pending(pending, until):
             out.append(
                 ledger.issue(
                     session, device, CommandKind.ARM, now=now, until=until, pending=data.pending

@@ -89,7 +89,6 @@ class FleetScheduler:
         self._metrics = metrics
         self._on_edge = on_edge
         self._on_presign = on_presign
-        self._presign_planned: set[int] = set()  # instants with a presign job
         self._periodic = periodic
         self._clock = clock
         self._on_missed = on_missed
@@ -166,12 +165,9 @@ class FleetScheduler:
                 if not members:
                     del self._edge_devices[old]
                     touched.discard(old)
-                    with contextlib.suppress(JobLookupError):
-                        self._sched.remove_job(_edge_job_id(old))
-                    if old in self._presign_planned:
-                        self._presign_planned.discard(old)
+                    for job_id in (_edge_job_id(old), _presign_job_id(old)):
                         with contextlib.suppress(JobLookupError):
-                            self._sched.remove_job(_presign_job_id(old))
+                            self._sched.remove_job(job_id)
             if at is None:
                 continue
             # Never early: an edge reconciled before its instant changes nothing.
@@ -197,14 +193,16 @@ class FleetScheduler:
             self._plan_presign(instant, now)
 
     def _plan_presign(self, instant: int, now: float) -> None:
-        """A presign job for a crowded instant far enough ahead (once per instant)."""
-        if self._on_presign is None or instant in self._presign_planned:
+        """A presign job for a crowded instant far enough ahead (once per instant: its job
+        is there until it runs, and after that the instant is nearer than the lead)."""
+        if self._on_presign is None:
             return
         ahead = instant / 1000 - PRESIGN_LEAD_S - now
         if ahead <= 0 or len(self._edge_devices.get(instant, ())) < PRESIGN_MIN_DEVICES:
             return
-        self._presign_planned.add(instant)
         job_id = _presign_job_id(instant)
+        if self._sched.get_job(job_id) is not None:
+            return
         self._sched.add_job(
             self._fire_presign,
             DateTrigger(run_date=datetime.now(UTC) + timedelta(seconds=ahead)),
@@ -216,7 +214,6 @@ class FleetScheduler:
         )
 
     async def _fire_presign(self, instant: int) -> None:
-        self._presign_planned.discard(instant)
         devices = sorted(self._edge_devices.get(instant, ()))
         if devices and self._on_presign is not None and self._clock() * 1000 < instant:
             await self._on_presign(devices, instant / 1000)
@@ -267,7 +264,6 @@ class FleetScheduler:
             family = job_type(event.job_id)
             missed = event.code == EVENT_JOB_MISSED
             if family == "presign":  # only an optimisation: the edge itself is on time
-                self._presign_planned.discard(int(event.job_id.removeprefix("presign:@")))
                 log.info("scheduler job %s skipped (too late to be of use)", event.job_id)
                 return
             if not missed and family != "edge":

@@ -16,7 +16,7 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from . import accounts, auth, heap, sessions, signing
+from . import accounts, auth, heap, sessions, signing, snapshot
 from .api import create_app
 from .auth import Principal
 from .config import FleetSettings
@@ -175,9 +175,7 @@ class FleetService:
         waits while an edge is reconciled, whose arms matter more than its re-check. A part
         that fails costs only its own devices (the sweep repairs them): the others' commands
         still go out, then its error is raised."""
-        parts = [
-            device_ids[i : i + RECONCILE_PART] for i in range(0, len(device_ids), RECONCILE_PART)
-        ]
+        parts = [list(p) for p in snapshot.chunks(device_ids, RECONCILE_PART)]
 
         async def part(ids: list[str]) -> Reconciled:
             if full_pass:
@@ -292,9 +290,8 @@ class FleetService:
             return
         signed = 0
         try:
-            for i in range(0, len(device_ids), RECONCILE_PART):
-                part = device_ids[i : i + RECONCILE_PART]
-                signed += await self.db(self.ops.presign, part, at)
+            for part in snapshot.chunks(device_ids, RECONCILE_PART):
+                signed += await self.db(self.ops.presign, list(part), at)
         except Exception as exc:  # logged; the edge signs what is missing itself
             log.warning("signing ahead failed: %s: %s", type(exc).__name__, str(exc)[:200])
         log.info("signed %d of %d devices' arms ahead of their edge", signed, len(device_ids))
