@@ -4,11 +4,15 @@ fleet.mqtt.NetworkThread: paho in its own thread) and none of the fleet's logic 
 database, ledger, scheduler or reconcile). A plain paho ``loop_start`` publisher measured
 slower than the fleet itself (1,000 devices: p99 5.5 s against 4.2 s), so it was no floor.
 
-python -m bench._bare_commander PORT CA CERT KEY SIGNING_KEY IDS_FILE SEQ UNTIL
+python -m bench._bare_commander PORT CA CERT KEY SIGNING_KEY IDS_FILE SEQ UNTIL [PACE_FILE]
 
 First disarms every device (seq SEQ - 1) so each arm is a real LOCKED -> ARMED transition
 like the fleet's, prints "ready", waits for "go" on stdin, then arms them all (seq SEQ) and
 prints {"latencies": [...]}: seconds from "go" to each device's applied ack.
+
+With PACE_FILE (lines "device offset"), each arm leaves at its offset in seconds after
+"go" instead of all at once: the fleet's own send times replayed, so that the devices see
+the same arrival shape as in the fleet's storm, without the fleet's work.
 """
 
 from __future__ import annotations
@@ -50,11 +54,23 @@ class Router:
 
 
 def run(
-    net: NetworkThread, router: Router, key: Any, ids: list[str], acks: Acks, make: Any
+    net: NetworkThread,
+    router: Router,
+    key: Any,
+    ids: list[str],
+    acks: Acks,
+    make: Any,
+    pace: dict[str, float] | None = None,
 ) -> float:
     router.target = acks
     start = time.time()
+    if pace is not None:
+        ids = sorted(ids, key=lambda d: pace.get(d, 0.0))
     for device_id in ids:
+        if pace is not None:
+            wait = start + pace.get(device_id, 0.0) - time.time()
+            if wait > 0.001:
+                time.sleep(wait)
         token = sign(make(device_id, start), key)
         net.publish(f"tillsyn/v1/dev/{device_id}/cmd", token.encode(), qos=1)
     acks.done.wait(600)
@@ -64,6 +80,10 @@ def run(
 def main() -> None:
     port, ca, cert, key_file, signing_file, ids_file, seq_s, until_s = sys.argv[1:9]
     ids = Path(ids_file).read_text().split()
+    pace = None
+    if len(sys.argv) > 9:
+        lines = (line.split() for line in Path(sys.argv[9]).read_text().splitlines())
+        pace = {device: float(offset) for device, offset in lines}
     seq, until = int(seq_s), int(until_s)
     key = load_or_create(Path(signing_file))
     router = Router()
@@ -85,7 +105,13 @@ def main() -> None:
     sys.stdin.readline()
     armed = Acks(seq, len(ids))
     start = run(
-        net, router, key, ids, armed, lambda d, now: tokens.arm(d, seq=seq, now=now, until=until)
+        net,
+        router,
+        key,
+        ids,
+        armed,
+        lambda d, now: tokens.arm(d, seq=seq, now=now, until=until),
+        pace,
     )
     net.stop()
     print(json.dumps({"latencies": [t - start for t in armed.at.values()]}), flush=True)

@@ -43,13 +43,23 @@ def acked_arms(db: Path) -> list[tuple[str, float]]:
         ).fetchall()
 
 
-def issued_arms(db: Path) -> tuple[list[float], int]:
-    """When each arm was issued (first sent), and how many sends there were in all."""
+def count_acked(db: Path) -> int:
+    """How many arms are acknowledged: the poll during the storm, which shares the two
+    cores with it, so it counts rather than fetches."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        row = con.execute(
+            "SELECT count(*) FROM command WHERE lower(kind) = 'arm' AND acked_at IS NOT NULL"
+        ).fetchone()
+    return int(row[0])
+
+
+def issued_arms(db: Path) -> tuple[dict[str, float], int]:
+    """When each device's arm was issued (first sent), and how many sends there were."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
         rows = con.execute(
-            "SELECT created_at, attempts FROM command WHERE lower(kind) = 'arm'"
+            "SELECT device_id, created_at, attempts FROM command WHERE lower(kind) = 'arm'"
         ).fetchall()
-    return [r[0] for r in rows], sum(r[1] for r in rows)
+    return {r[0]: r[1] for r in rows}, sum(r[2] for r in rows)
 
 
 def profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
@@ -75,13 +85,20 @@ def floor(
     sim: SimProcess,
     ids: list[str],
     until: int,
+    seq: int,
+    pace: dict[str, float] | None = None,
 ) -> tuple[list[float], float, float, float]:
     """The floor's latencies, how long it took (go -> last ack), and its own and the
-    simulator's CPU for that."""
+    simulator's CPU for that. With ``pace`` (device -> seconds after the start), the arms
+    leave at those times instead of all at once."""
     ids_file = root / "ids.txt"
     ids_file.write_text("\n".join(ids))
     args = [str(port), str(pki.ca_cert), str(pki.fleet_cert), str(pki.fleet_key)]
-    args += [str(fleet.key_file), str(ids_file), "1000000", str(until)]
+    args += [str(fleet.key_file), str(ids_file), str(seq), str(until)]
+    if pace is not None:
+        pace_file = root / "pace.txt"
+        pace_file.write_text("".join(f"{d} {at:.4f}\n" for d, at in pace.items()))
+        args.append(str(pace_file))
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench._bare_commander", *args],
         stdin=subprocess.PIPE,
@@ -125,6 +142,12 @@ def main() -> None:
         help="devices on care plans (one check a night, the window's start and length; its"
         " spans come from planned checks) instead of legacy window rows",
     )
+    parser.add_argument(
+        "--paced-floor",
+        action="store_true",
+        help="also run the floor with its arms leaving at the times the fleet sent its own"
+        " (a diagnostic: the fleet's arrival shape without the fleet's work)",
+    )
     args = parser.parse_args()
     n = args.devices
     with tempfile.TemporaryDirectory(prefix="bench-window-storm-") as tmp:
@@ -164,12 +187,11 @@ def main() -> None:
             t_cpu0 = time.time()
             sim_idle = (cpu0[1] - idle0[1]) / (t_cpu0 - idle0[0])
             spy = profiler(fleet.pid, args.profile) if args.profile else None
-            rows: list[tuple[str, float]] = []
             while time.time() < deadline:
                 time.sleep(0.5)
-                rows = acked_arms(fleet.db) if time.time() > t0 else []
-                if len(rows) >= n:
+                if time.time() > t0 and count_acked(fleet.db) >= n:
                     break
+            rows = acked_arms(fleet.db)
             storm_cpu = fleet.cpu() - cpu0[0], sim.cpu() - cpu0[1]
             split = [b - a for a, b in zip(split0, cpu_split(fleet.pid), strict=True)]
             storm_s = time.time() - t_cpu0
@@ -180,7 +202,16 @@ def main() -> None:
             fleet_cpu, issued = fleet.cpu(), issued_arms(fleet.db)
             fleet.stop()
             floor_lat, floor_s, *floor_cpu = floor(
-                root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S
+                root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S, 1_000_000
+            )
+            # The same arms at the fleet's own pace, without its work: how much of the
+            # fleet's time is the arrival shape alone (the devices' work spread over the
+            # seconds the edge takes), and how much the fleet's CPU.
+            pace = {d: max(0.0, at - t0) for d, at in issued[0].items()}
+            paced_lat, paced_s, *paced_cpu = (
+                floor(root, pki, broker.port, fleet, sim, ids, t0 + WINDOW_S, 1_000_002, pace)
+                if args.paced_floor
+                else ([], 0.0, 0.0, 0.0)
             )
         finally:
             if sim is not None:
@@ -196,8 +227,11 @@ def main() -> None:
             f"  max {max(values, default=float('nan')):6.2f} s  (n={len(values):,})"
         )
 
-    ratio = percentile(acked, 99) / percentile(floor_lat, 99)
-    created = sorted(c - t0 for c in issued[0])
+    def ratio_to(floor_values: list[float]) -> float:
+        return percentile(acked, 99) / percentile(floor_values, 99)
+
+    ratio = ratio_to(floor_lat)
+    created = sorted(c - t0 for c in issued[0].values())
     issue_span = f"{created[0]:.2f} / {created[-1]:.2f} s" if created else "none"
     print("window_storm: setup: 2 cores, loopback, Mosquitto 2.0.11 production config,")
     kind = "care plans" if args.care_plans else "legacy window rows"
@@ -230,6 +264,20 @@ def main() -> None:
             ]
         )
     )
+    if paced_lat:
+        print(
+            table(
+                [
+                    ("floor at the fleet's pace", stats(paced_lat)),
+                    ("fleet p99 / paced floor p99", f"{ratio_to(paced_lat):.2f}x"),
+                    (
+                        "paced floor's CPU: commander / sim above its pace",
+                        f"{paced_cpu[0]:.1f} / {paced_cpu[1] - sim_idle * paced_s:.1f} s"
+                        f" in {paced_s:.1f} s",
+                    ),
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

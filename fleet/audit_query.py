@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from . import audit, followup
 from .models import AuditEvent, Look
+from .query import among
 
 LOOK_ACTIONS = ("look.requested", "look.started", "look.ended", *followup.OUTCOME_ACTIONS)
 
@@ -102,7 +103,7 @@ def resident_extract(session: Session, resident_id: str) -> list[ExtractRow]:
             reason = detail.get("reason")
             row.end_reason = reason if isinstance(reason, str) else row.end_reason
     if rows:
-        looks = session.exec(select(Look).where(col(Look.id).in_(list(rows)))).all()
+        looks = session.exec(select(Look).where(among(Look.id, list(rows)))).all()
         for look in looks:  # the device's own times are more precise than the log's
             row = rows[look.id]
             row.started_at = look.started_at or row.started_at

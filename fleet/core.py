@@ -50,6 +50,7 @@ from .metrics import UNLABELLED_REFUSAL, FleetMetrics
 from .models import Command, CommandStatus, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
 from .plan_models import Check, Outcome
+from .query import among
 from .reconcile import (
     Policy,
     arm_ahead,
@@ -231,12 +232,12 @@ class FleetOps:
             ids = sorted({i.device_id for i in items})
             devices: dict[str, Device] = {}  # held: the identity map keeps weak references
             for part in snapshot.chunks(ids):  # loaded once, not one query per message
-                stmt_d = select(Device).where(col(Device.id).in_(part))
+                stmt_d = select(Device).where(among(Device.id, part))
                 devices.update((d.id, d) for d in session.exec(stmt_d))
             acks = [i.message for i in items if isinstance(i.message, Ack)]
             commands: dict[str, Command] = {}
             for part in snapshot.chunks(sorted({a.jti for a in acks if a.jti})):
-                stmt_c = select(Command).where(col(Command.jti).in_(part))
+                stmt_c = select(Command).where(among(Command.jti, part))
                 commands.update((c.jti, c) for c in session.exec(stmt_c))
             # Devices (re)connecting get their pending commands resent: loaded at once too.
             online = {

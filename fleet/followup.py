@@ -29,6 +29,7 @@ from . import audit
 from .errors import Conflict, FleetError, NotFound
 from .models import AuditEvent, Device, Look
 from .plan_models import Check
+from .query import among
 
 STOCKHOLM = ZoneInfo("Europe/Stockholm")
 MAX_SAMPLE = 500
@@ -86,7 +87,7 @@ def look_outcomes(session: Session, look_ids: Sequence[str]) -> dict[str, str]:
         return {}
     wanted = set(look_ids)
     out: dict[str, str] = {}
-    stmt_checks = select(Check).where(col(Check.last_look_id).in_(sorted(wanted)))
+    stmt_checks = select(Check).where(among(Check.last_look_id, sorted(wanted)))
     for check in session.exec(stmt_checks):
         if check.last_look_id and check.outcome is not None:
             out[check.last_look_id] = check.outcome.value
@@ -181,7 +182,7 @@ def _residents(session: Session, looks: Sequence[Look]) -> dict[str, str]:
     out: dict[str, str] = {}
     ids = {x.id for x in looks}
     stmt = select(AuditEvent).where(AuditEvent.action == "look.requested")
-    stmt = stmt.where(col(AuditEvent.subject).in_({x.device_id for x in looks}))
+    stmt = stmt.where(among(AuditEvent.subject, {x.device_id for x in looks}))
     for entry in session.exec(stmt.order_by(col(AuditEvent.id))):
         detail = _detail(entry)
         if detail.get("look_id") in ids and isinstance(detail.get("resident"), str):
@@ -250,8 +251,8 @@ def purge_before(session: Session, before_ts: float) -> int:
     ids = list(session.exec(old).all())
     if not ids:
         return 0
-    session.execute(delete(SpotCheck).where(col(SpotCheck.sample_id).in_(ids)))
-    session.execute(delete(FollowUpSample).where(col(FollowUpSample.id).in_(ids)))
+    session.execute(delete(SpotCheck).where(among(SpotCheck.sample_id, ids)))
+    session.execute(delete(FollowUpSample).where(among(FollowUpSample.id, ids)))
     return len(ids)
 
 

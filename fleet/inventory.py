@@ -33,6 +33,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from tillsyn_protocol import DeviceKind
 
 from .models import Device
+from .query import among
 
 __all__ = [
     "CSV_COLUMNS",
@@ -252,7 +253,7 @@ def inventory_rows(
         DeviceRecord, col(DeviceRecord.device_id) == col(Device.id), isouter=True
     )
     if device_ids is not None:
-        stmt = stmt.where(col(Device.id).in_(list(device_ids)))
+        stmt = stmt.where(among(Device.id, list(device_ids)))
     if kind is not None:
         stmt = stmt.where(Device.kind == kind)
     if site is not None:
@@ -319,7 +320,7 @@ def certificates_expiring(
         .order_by(col(DeviceCertificate.not_after))
     )
     if device_ids is not None:
-        stmt = stmt.where(col(DeviceCertificate.device_id).in_(list(device_ids)))
+        stmt = stmt.where(among(DeviceCertificate.device_id, list(device_ids)))
     return session.exec(stmt).all()
 
 

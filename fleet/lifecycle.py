@@ -34,6 +34,7 @@ from .inventory import CertStatus, DeviceCertificate, DeviceRecord, Lifecycle, a
 from .models import Connectivity, Device, Window
 from .outbound import Publish
 from .pairing_errors import LifecycleRefused
+from .query import among
 
 if TYPE_CHECKING:
     from .pairing import Actor, Pairing, PairRequest
@@ -121,7 +122,7 @@ class Lifecycles:
             record.replaced_by = replaced_by
         session.add(record)
         for cert in session.exec(
-            select(DeviceCertificate).where(col(DeviceCertificate.serial).in_(list(result.serials)))
+            select(DeviceCertificate).where(among(DeviceCertificate.serial, list(result.serials)))
         ):
             cert.status, cert.ended_at, cert.reason = CertStatus.REVOKED, now, why[:32]
             session.add(cert)

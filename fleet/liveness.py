@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from tillsyn_protocol import CameraHealth, Heartbeat
 
 from .checks import CLOCK_SKEW_LIMIT_S
 from .models import Device
+from .query import MAX_PADDED, among
 
 
 class Facts(NamedTuple):
@@ -243,8 +244,12 @@ def confirm_silent(
     if not silent:
         return []
     ids = [device_id for device_id, _ in silent]
-    rows = session.exec(select(Device.id, Device.last_seen).where(col(Device.id).in_(ids)))
-    last_seen = dict(rows.all())
+    last_seen: dict[str, float | None] = {}
+    for i in range(0, len(ids), MAX_PADDED):
+        part = ids[i : i + MAX_PADDED]
+        last_seen.update(
+            session.exec(select(Device.id, Device.last_seen).where(among(Device.id, part))).all()
+        )
     out = []
     for device_id, at in silent:
         seen = last_seen.get(device_id)

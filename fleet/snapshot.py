@@ -21,8 +21,9 @@ from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from .models import Command, CommandStatus, Device, Window
 from .plan_models import ARMING_STATES, Check, EscalationStep, StepStatus, VisitLink
+from .query import MAX_PADDED, among
 
-CHUNK = 500  # ids per IN list: well below every backend's bound on parameters
+CHUNK = MAX_PADDED  # ids per IN list: well below every backend's bound on parameters
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -84,7 +85,7 @@ def rows(
         yield from session.exec(stmt)
         return
     for part in chunks(ids):
-        yield from session.exec(stmt.where(col(column).in_(part)))
+        yield from session.exec(stmt.where(among(column, part)))
 
 
 def load(
@@ -133,7 +134,7 @@ def load(
     visited = {c.id for c in ended}
     linked: set[int] = set()
     for part in chunks(sorted(i for i in visited if i is not None)):
-        stmt_links = select(VisitLink.check_id).where(col(VisitLink.check_id).in_(part))
+        stmt_links = select(VisitLink.check_id).where(among(VisitLink.check_id, part))
         linked.update(i for i in session.exec(stmt_links) if i is not None)
     for c in ended:
         if c.id in linked and c.device_id in data:
