@@ -50,7 +50,6 @@ from .metrics import UNLABELLED_REFUSAL, FleetMetrics
 from .models import Command, CommandStatus, Connectivity, Device, Look, Visit, Window
 from .outbound import Publish
 from .plan_models import Check, Outcome
-from .query import among
 from .reconcile import (
     Policy,
     arm_ahead,
@@ -230,15 +229,16 @@ class FleetOps:
         with self.session() as session:
             batch.begin(session)
             ids = sorted({i.device_id for i in items})
-            devices: dict[str, Device] = {}  # held: the identity map keeps weak references
-            for part in snapshot.chunks(ids):  # loaded once, not one query per message
-                stmt_d = select(Device).where(among(Device.id, part))
-                devices.update((d.id, d) for d in session.exec(stmt_d))
+            # Loaded once, not one query per message; held in dicts because the identity
+            # map keeps only weak references.
+            devices: dict[str, Device] = {
+                d.id: d for d in snapshot.rows(session, select(Device), Device.id, ids)
+            }
             acks = [i.message for i in items if isinstance(i.message, Ack)]
-            commands: dict[str, Command] = {}
-            for part in snapshot.chunks(sorted({a.jti for a in acks if a.jti})):
-                stmt_c = select(Command).where(among(Command.jti, part))
-                commands.update((c.jti, c) for c in session.exec(stmt_c))
+            jtis = sorted({a.jti for a in acks if a.jti})
+            commands: dict[str, Command] = {
+                c.jti: c for c in snapshot.rows(session, select(Command), Command.jti, jtis)
+            }
             # Devices (re)connecting get their pending commands resent: loaded at once too.
             online = {
                 i.device_id

@@ -29,9 +29,9 @@ from sqlmodel import Session, select
 
 from tillsyn_protocol import CameraHealth, Heartbeat
 
+from . import snapshot
 from .checks import CLOCK_SKEW_LIMIT_S
 from .models import Device
-from .query import MAX_PADDED, among
 
 
 class Facts(NamedTuple):
@@ -244,12 +244,8 @@ def confirm_silent(
     if not silent:
         return []
     ids = [device_id for device_id, _ in silent]
-    last_seen: dict[str, float | None] = {}
-    for i in range(0, len(ids), MAX_PADDED):
-        part = ids[i : i + MAX_PADDED]
-        last_seen.update(
-            session.exec(select(Device.id, Device.last_seen).where(among(Device.id, part))).all()
-        )
+    stmt = select(Device.id, Device.last_seen)
+    last_seen = dict(snapshot.rows(session, stmt, Device.id, ids))
     out = []
     for device_id, at in silent:
         seen = last_seen.get(device_id)
