@@ -60,6 +60,7 @@ from .reconcile import (
 )
 
 log = logging.getLogger(__name__)
+_LOADED = "tillsyn.devices"  # apply_inbound's devices by id, for :meth:`FleetOps._device`
 T = TypeVar("T")
 
 
@@ -92,7 +93,12 @@ class FleetOps:
             return fn(session)
 
     def _device(self, session: Session, device_id: str) -> Device:
-        device = session.get(Device, device_id)
+        # A batch of device messages loads its devices at once (apply_inbound): looked up
+        # there, as ``session.get`` costs ~25 us, twice per device at a window start.
+        loaded: dict[str, Device] | None = session.info.get(_LOADED)
+        device = loaded.get(device_id) if loaded is not None else None
+        if device is None:
+            device = session.get(Device, device_id)
         if device is None:
             raise NotFound("device", device_id)
         return device
@@ -232,8 +238,9 @@ class FleetOps:
             # Loaded once, not one query per message; held in dicts because the identity
             # map keeps only weak references.
             devices: dict[str, Device] = {
-                d.id: d for d in snapshot.rows(session, select(Device), Device.id, ids)
+                d.id: d for d in snapshot.rows(session, snapshot.devices(), Device.id, ids)
             }
+            session.info[_LOADED] = devices
             acks = [i.message for i in items if isinstance(i.message, Ack)]
             jtis = sorted({a.jti for a in acks if a.jti})
             commands: dict[str, Command] = {

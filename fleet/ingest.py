@@ -123,11 +123,12 @@ class Ingest:
         self._skew.observe(abs(hb.ts - now))
         return True
 
-    async def handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
-        """What the fast path left, in arrival order (one by one: a message may await the
-        database, and writes per device keep the order of arrival)."""
-        for topic, payload in batch:
-            await self.handle(topic, payload)
+    async def handle_batch(self, batch: list[tuple[str, bytes, float]]) -> None:
+        """What the fast path left, in arrival order, each with the time it was received
+        (one by one: a message may await the database, and writes per device keep the
+        order of arrival)."""
+        for topic, payload, at in batch:
+            await self.handle(topic, payload, at)
 
     def _reject(self, channel: str, why: str, device_id: str | None, detail: str) -> None:
         self._m.ingest_errors.labels(channel=channel, why=why).inc()
@@ -142,7 +143,8 @@ class Ingest:
         known, found = self.known.get(device_id), _CHANNELS.get(channel)
         return None if known is None or found is None else (known, found)
 
-    async def handle(self, topic: str, payload: bytes) -> None:
+    async def handle(self, topic: str, payload: bytes, at: float | None = None) -> None:
+        """One message, received ``at`` (the clock's time: ``None``, now)."""
         found = self._known_topic(topic)
         if found is not None:
             device_id, channel = found
@@ -156,7 +158,7 @@ class Ingest:
             self._messages[channel].inc()
             self._reject(channel.value, "unknown_device", device_id, "device not registered")
             return
-        now = self._clock()
+        now = self._clock() if at is None else at
         try:
             touched = await self._dispatch(device_id, channel, payload, now)
         except MessageError as exc:

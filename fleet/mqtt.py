@@ -58,7 +58,12 @@ INBOX_LIMIT = 20_000
 BATCH_MAX = 1000  # messages per call into the consumer (keeps the loop responsive)
 READ_AHEAD = 64 * 1024  # bytes asked of the socket per read (a TLS read returns one record)
 
-Inbound = tuple[str, bytes]  # (topic, payload)
+# (topic, payload, received at): the time is read by the network thread as the message
+# arrives, on the service's clock. A device's message is *received* then, whatever the
+# event loop's and the database thread's queues add: an ack's time, a heartbeat's, a Last
+# Will's are the device's, not the fleet's backlog's (a window start's 30,000 messages
+# waited seconds for the loop).
+Inbound = tuple[str, bytes, float]
 
 
 def client_tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -411,8 +416,10 @@ class MqttLink:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         *,
         fast: Callable[[str, bytes], bool] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._clock = clock
         self._metrics = metrics
         self._on_messages = on_messages
         self._on_connect = on_connect
@@ -446,7 +453,7 @@ class MqttLink:
                     return
             except Exception:  # a bug there must not cost the connection: the loop decides
                 log.exception("ingest fast path failed; handing the message to the loop")
-        self._inbox.append((topic, payload))
+        self._inbox.append((topic, payload, self._clock()))
         if not self._wake_pending:
             self._wake_pending = True
             assert self._loop is not None

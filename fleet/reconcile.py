@@ -28,10 +28,10 @@ from tillsyn_protocol.windows import Occurrence, occurrences_between
 from . import checks, visits
 from .commands import Ledger
 from .metrics import FleetMetrics
-from .models import Command, Connectivity, Device, VisitCause, Window
+from .models import Command, Connectivity, Device, VisitCause
 from .outbound import Publish
 from .plan_models import Check
-from .snapshot import DeviceData
+from .snapshot import AnyWindow, DeviceData
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def parse_hms(text: str) -> time:
     return time.fromisoformat(text)
 
 
-def occurrences(windows: Iterable[Window], start: float, end: float) -> list[Occurrence]:
+def occurrences(windows: Iterable[AnyWindow], start: float, end: float) -> list[Occurrence]:
     """Every window occurrence of these windows overlapping [start, end), in time order."""
     lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
     first, last = int(start // DAY_S), int(end // DAY_S) + 1
@@ -110,7 +110,7 @@ def _window_day_times(
     return tuple((o.start.timestamp(), o.end.timestamp()) for o in found)
 
 
-def open_window(windows: Iterable[Window], now: float) -> Occurrence | None:
+def open_window(windows: Iterable[AnyWindow], now: float) -> Occurrence | None:
     at = datetime.fromtimestamp(now, UTC)
     found = [o for o in occurrences(windows, now, now + 1) if o.contains(at)]
     # Overlapping windows merge: the device stays armed until the latest end.
@@ -121,7 +121,7 @@ WindowKey = tuple[tuple[str, int, str, str], ...]
 
 
 def spans_of(
-    windows: Iterable[Window], arming: Iterable[Check], lo: float, hi: float
+    windows: Iterable[AnyWindow], arming: Iterable[Check], lo: float, hi: float
 ) -> list[Span]:
     """Windows and arming checks overlapping [lo, hi), overlapping ones merged, in order."""
     key: WindowKey = tuple(
@@ -164,7 +164,7 @@ def _merged(raw: list[Span]) -> list[Span]:
 
 
 def device_spans(
-    session: Session, device_id: str, windows: Iterable[Window], lo: float, hi: float
+    session: Session, device_id: str, windows: Iterable[AnyWindow], lo: float, hi: float
 ) -> list[Span]:
     """``spans_of`` for one device, its checks read from the database."""
     return spans_of(windows, checks.device_checks(session, device_id, lo, hi), lo, hi)

@@ -84,6 +84,7 @@ class FleetService:
             self.ingest.handle_batch,
             self._on_connect,
             fast=self.ingest.heartbeat_fast,  # heartbeats of online devices, in its thread
+            clock=clock,
         )
         self.scheduler = FleetScheduler(
             self.metrics,

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, TypeVarTuple, overload
+from typing import Any, NamedTuple, TypeVar, TypeVarTuple, cast, overload
 
 from sqlalchemy import func
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import select as core_select
+from sqlalchemy.orm import InstrumentedAttribute, QueryableAttribute, defer
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
@@ -28,12 +29,27 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
+class WindowSpec(NamedTuple):
+    """An active window as reconciliation reads it: a tuple, not an ORM object. Nothing
+    a pass does changes a window, and loading 10,000 ``Window`` objects (each with a
+    ``created_at`` to parse) was a sixth of a window start's snapshot."""
+
+    start_local: str
+    duration_s: int
+    tz: str
+    weekdays: str
+    active: bool = True
+
+
+AnyWindow = Window | WindowSpec  # what window arithmetic takes
+
+
 @dataclass(slots=True)
 class DeviceData:
     """One device and what reconciling it needs."""
 
     device: Device
-    windows: list[Window] = field(default_factory=list)  # active ones
+    windows: list[AnyWindow] = field(default_factory=list)  # active ones
     checks: list[Check] = field(default_factory=list)  # loaded arming, by start; may settle
     pending: list[Command] = field(default_factory=list)  # loaded pending; the ledger appends
     steps: list[EscalationStep] = field(default_factory=list)  # open and due at load time
@@ -48,6 +64,13 @@ class DeviceData:
 
     def pending_now(self) -> list[Command]:
         return [c for c in self.pending if c.status is CommandStatus.PENDING]
+
+
+def devices() -> SelectOfScalar[Device]:
+    """Devices as the storm's paths load them: without ``created_at``, which nothing
+    there reads and which SQLite returns as text to parse into an aware datetime, a
+    tenth of loading a device (loaded on first access, if ever)."""
+    return select(Device).options(defer(cast("QueryableAttribute[Any]", Device.created_at)))
 
 
 def chunks(ids: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -100,13 +123,20 @@ def load(
     Loading every check of the edge horizon (eight days, 8-16 rows per device) was a
     quarter of a window start's database time and of every full pass."""
     ids = None if device_ids is None else sorted(set(device_ids))
-    data = {d.id: DeviceData(d) for d in rows(session, select(Device), Device.id, ids)}
+    data = {d.id: DeviceData(d) for d in rows(session, devices(), Device.id, ids)}
     ids = None if ids is None else list(data)
     if not data:
         return data
-    for w in rows(session, select(Window).where(Window.active), Window.device_id, ids):
-        if w.device_id in data:
-            data[w.device_id].windows.append(w)
+    w = Window.__table__.c  # type: ignore[attr-defined]
+    # (Core columns: sqlmodel's select is typed for up to four)
+    stmt_w: Any = core_select(w.device_id, w.start_local, w.duration_s, w.tz, w.weekdays).where(
+        w.active
+    )
+    for device_id, start_local, duration_s, tz, weekdays in rows(
+        session, stmt_w, Window.device_id, ids
+    ):
+        if device_id in data:
+            data[device_id].windows.append(WindowSpec(start_local, duration_s, tz, weekdays))
     stmt = select(Check).where(
         col(Check.state).in_(ARMING_STATES), Check.start_at < now + horizon_s
     )

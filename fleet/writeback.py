@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Column, Table, bindparam, inspect, update
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.base import instance_state
 from sqlmodel import Session, SQLModel
 
 from .db import deferred
@@ -46,12 +46,16 @@ class _Buffer:
 def assign(session: Session, obj: SQLModel, **values: Any) -> None:
     """``setattr`` for each value; inside a batch, for a loaded object, written at its end."""
     buffer: _Buffer | None = session.info.get(_KEY)
-    if buffer is None or not inspect(obj).persistent:
+    state = instance_state(obj)
+    if buffer is None or not state.persistent:
         for name, value in values.items():
             setattr(obj, name, value)
         return
-    for name, value in values.items():
-        set_committed_value(obj, name, value)
+    # What ``set_committed_value`` does for a column, once for all of them: it looked up
+    # each attribute's implementation and committed key by key, 40,000 times at a window
+    # start (a third of this function's cost; the columns here are all scalar).
+    state.dict.update(values)
+    state._commit(state.dict, values.keys())
     buffer.note(obj, values.keys())
 
 

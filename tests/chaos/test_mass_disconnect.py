@@ -91,6 +91,20 @@ async def test_mass_disconnect_is_one_platform_incident_and_every_visit(
         seen = devices(engine)
         return all(seen[d].connectivity is want for d in ids)
 
+    async def back_online(ids: list[str], what: str) -> None:
+        """Wait for these devices to be online again; on a timeout, say which are not and
+        what their agents think (the failure this guards against was seen once in CI)."""
+        try:
+            await until(lambda: state_of(ids, Connectivity.ONLINE), timeout=60, what=what)
+        except AssertionError as exc:
+            seen = devices(engine)
+            late = [d for d in ids if seen[d].connectivity is not Connectivity.ONLINE]
+            detail = [
+                (d, seen[d].connectivity.value, herd.agents[d].connected, herd.agents[d].counters)
+                for d in late
+            ]
+            raise AssertionError(f"{exc}; not online: {detail}; proxy: {proxy.accepted}") from exc
+
     try:
         await fleet.wait_leading()
         for device_id in segment:
@@ -128,7 +142,7 @@ async def test_mass_disconnect_is_one_platform_incident_and_every_visit(
         assert await opened() == 1
         t1 = time.monotonic()
         proxy.set_cut(False)
-        await until(lambda: state_of(segment, Connectivity.ONLINE), timeout=60, what="segment back")
+        await back_online(segment, "segment back")
         await until(lambda: incident(0), timeout=30, what="segment incident closed")
         seg_close_s = time.monotonic() - t1
 
@@ -140,11 +154,7 @@ async def test_mass_disconnect_is_one_platform_incident_and_every_visit(
         await asyncio.sleep(max(0.0, 2 * OFFLINE_AFTER_S - (time.monotonic() - t0)))
         await asyncio.to_thread(broker.start)
         t1 = time.monotonic()
-        await until(
-            lambda: state_of(segment + alive_direct, Connectivity.ONLINE),
-            timeout=60,
-            what="all back",
-        )
+        await back_online(segment + alive_direct, "all back")
         await until(lambda: incident(0), timeout=30, what="broker incident closed")
         broker_close_s = time.monotonic() - t1
         total = await opened()

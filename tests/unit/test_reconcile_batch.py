@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlmodel import col, select
 
-from fleet import audit, reconcile
+from fleet import audit, reconcile, snapshot
 from fleet.batch import Inbound
 from fleet.core import FleetOps
 from fleet.models import AuditEvent, Command, CommandStatus, Device, Window
@@ -345,4 +345,29 @@ def test_the_next_edge_needs_only_the_first_check_past_the_horizon(
     loaded.later_check = min(later, default=None)
     assert reconcile.next_edge(loaded, now, policy, ()) == reconcile.next_edge(
         all_of_them, now, policy, ()
+    )
+
+
+def test_the_snapshot_holds_each_devices_active_windows_as_plain_values(tmp_path: Path) -> None:
+    """Windows are loaded as tuples (not ORM objects): the same definitions, inactive ones
+    left out, and window arithmetic gives the same occurrences for either."""
+    ops = new_ops(tmp_path, tmp_path / "key.pem")
+    with ops.session() as s:
+        s.add(Device(id="dev-aa"))
+        s.add(Device(id="dev-bb"))
+        s.flush()
+        s.add(Window(device_id="dev-aa", start_local="22:00:00", duration_s=600, weekdays="024"))
+        s.add(Window(device_id="dev-aa", start_local="02:00:00", duration_s=900, tz="UTC"))
+        s.add(Window(device_id="dev-aa", start_local="04:00:00", duration_s=60, active=False))
+    with ops.session() as s:
+        loaded = snapshot.load(s, ["dev-aa", "dev-bb"], T0, 3600)
+        rows = s.exec(select(Window).where(col(Window.active)).order_by(col(Window.id))).all()
+    assert loaded["dev-aa"].windows == [
+        snapshot.WindowSpec("22:00:00", 600, "Europe/Stockholm", "024"),
+        snapshot.WindowSpec("02:00:00", 900, "UTC", "0123456"),
+    ]
+    assert loaded["dev-bb"].windows == []
+    week = (T0, T0 + 7 * 86400)
+    assert reconcile.occurrences(loaded["dev-aa"].windows, *week) == reconcile.occurrences(
+        rows, *week
     )

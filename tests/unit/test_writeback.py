@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, inspect
 from sqlmodel import Session, col, select
 
-from fleet import writeback
+from fleet import snapshot, writeback
 from fleet.batch import begin
 from fleet.db import make_engine
 from fleet.errors import LostRow
@@ -181,3 +181,33 @@ def test_a_savepoint_inside_a_batch_is_refused(engine: Engine) -> None:
         writeback.savepoint(s),
     ):
         pass
+
+
+def test_an_unflushed_orm_change_of_the_same_column_gives_way_and_others_stay(
+    engine: Engine,
+) -> None:
+    """The batch takes a column over from the unit of work (the assigned value is written,
+    once); the ORM still writes the object's other changed columns."""
+    with Session(engine) as s:
+        device = s.get(Device, "dev-aa")
+        assert device is not None
+        with writeback.batch(s):
+            device.next_seq = 5  # not flushed
+            device.firmware = "2.0"
+            writeback.assign(s, device, next_seq=6)
+        s.commit()
+    written = _device(engine, "dev-aa")
+    assert (written.next_seq, written.firmware) == (6, "2.0")
+
+
+def test_an_expired_or_deferred_column_is_assigned_without_a_load(engine: Engine) -> None:
+    with Session(engine, expire_on_commit=False) as s:
+        device = s.exec(snapshot.devices().where(Device.id == "dev-aa")).one()
+        s.expire(device, ["next_seq"])
+        with writeback.batch(s):
+            writeback.assign(s, device, next_seq=8)
+            assert "next_seq" not in inspect(device).expired_attributes
+            assert device.next_seq == 8  # read from memory, not loaded over
+        assert device.created_at is not None  # deferred: loaded on first access
+        s.commit()
+    assert _device(engine, "dev-aa").next_seq == 8

@@ -1,0 +1,80 @@
+"""A device's message is dated when the network thread receives it, not when the event
+loop or the database thread gets to it: an ack's ``acked_at`` is the device's round trip,
+whatever the fleet's own queues add in a storm."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from sqlmodel import select
+
+from fleet.config import FleetSettings
+from fleet.metrics import FleetMetrics
+from fleet.models import Command, CommandStatus, Device
+from fleet.mqtt import MqttLink
+from fleet.service import FleetService
+from tillsyn_protocol import Ack, AckResult, Channel, CommandKind, LockState, device_topic, encode
+
+NOW = 1_800_000_000.0
+
+
+async def test_the_network_thread_stamps_each_message_with_the_links_clock(
+    tmp_path: Path,
+) -> None:
+    ticks = iter([NOW + 1, NOW + 2])
+
+    async def nothing(batch: list[tuple[str, bytes, float]]) -> None:
+        return None
+
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    link = MqttLink(settings, FleetMetrics(CollectorRegistry()), nothing, clock=lambda: next(ticks))
+    link._loop = asyncio.get_running_loop()
+    link._inbound("tillsyn/v1/dev/dev-aa/ack", b"a")  # what the network thread calls
+    link._inbound("tillsyn/v1/dev/dev-aa/state", b"s")
+    assert list(link._inbox) == [
+        ("tillsyn/v1/dev/dev-aa/ack", b"a", NOW + 1),
+        ("tillsyn/v1/dev/dev-aa/state", b"s", NOW + 2),
+    ]
+
+
+async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) -> None:
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    later = NOW + 30  # the event loop got to it half a minute after it came in
+    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: later)
+    try:
+        with service.ops.session() as s:
+            s.add(Device(id="dev-aa", resident_id="res-aa"))
+            s.flush()
+            s.add(
+                Command(
+                    jti="j-1",
+                    device_id="dev-aa",
+                    seq=1,
+                    kind=CommandKind.ARM,
+                    token="t",
+                    created_at=NOW,
+                    expires_at=NOW + 600,
+                    attempts=1,
+                    last_sent_at=NOW,
+                )
+            )
+        service.ingest.known.add("dev-aa")
+        service.liveness.baseline("dev-aa", NOW, online=True)
+        ack = Ack(jti="j-1", ts=NOW + 2, result=AckResult.APPLIED, state=LockState.ARMED)
+        await service.ingest.handle_batch(
+            [(device_topic("dev-aa", Channel.ACK), encode(ack), NOW + 2)]
+        )
+        assert service.ingest.inbound is not None
+        await service.ingest.inbound.drain()
+        with service.ops.session() as s:
+            command = s.exec(select(Command)).one()
+        assert (command.status, command.acked_at) == (CommandStatus.APPLIED, NOW + 2)
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
