@@ -81,3 +81,17 @@ def test_validation_is_unchanged() -> None:
         props.SessionExpiryInterval = 10  # a CONNECT property
     with pytest.raises(MQTTException, match="must be one of"):
         props.NoSuchThing = 1
+
+
+def test_clear_removes_what_paho_s_own_clear_removes() -> None:
+    mine, theirs = _publish_props(True), _publish_props(False)
+    mine.clear()
+    paho_tables.ORIGINAL_CLEAR(theirs)
+    assert mine.json() == theirs.json() == {}
+    assert (mine.packetType, dict(mine.names)) == (theirs.packetType, theirs.names)
+    # Unpacking into a used instance leaves only what the packet carries.
+    reused = _publish_props(True)
+    other: Any = new(PacketTypes.PUBLISH)
+    other.ContentType = "text/plain"
+    reused.unpack(other.pack())
+    assert reused.json() == {"ContentType": "text/plain"}
