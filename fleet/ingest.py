@@ -223,6 +223,12 @@ class Ingest:
     async def _applied(self, items: list[Inbound], result: Applied) -> None:
         for item, why, detail in result.rejected:
             self._reject(_CHANNEL[type(item.message)], why, item.device_id, detail)
+            if item.contact:
+                # Its coming back was not written (the database failed, or the message):
+                # forgotten in memory too, so the device's next message tries again. Else
+                # memory says online, the database offline, and heartbeats, handled in the
+                # network thread for devices online in memory, never repair it.
+                self._live.gone(item.device_id)
         if result.publish and self._publish is not None:
             await self._publish(result.publish)
         if result.touched:

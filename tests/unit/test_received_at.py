@@ -1,6 +1,7 @@
-"""A device's message is dated when the network thread receives it, not when the event
-loop or the database thread gets to it: an ack's ``acked_at`` is the device's round trip,
-whatever the fleet's own queues add in a storm."""
+"""Ingest's bookkeeping of a device message: dated when the network thread receives it,
+not when the event loop or the database thread gets to it (an ack's ``acked_at`` is the
+device's round trip, whatever the fleet's own queues add in a storm); and a device's
+return that the database did not take is tried again."""
 
 from __future__ import annotations
 
@@ -8,14 +9,26 @@ import asyncio
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
+from fleet.batch import Applied, Inbound
 from fleet.config import FleetSettings
 from fleet.metrics import FleetMetrics
-from fleet.models import Command, CommandStatus, Device
+from fleet.models import Command, CommandStatus, Connectivity, Device
 from fleet.mqtt import MqttLink
 from fleet.service import FleetService
-from tillsyn_protocol import Ack, AckResult, Channel, CommandKind, LockState, device_topic, encode
+from tillsyn_protocol import (
+    Ack,
+    AckResult,
+    CameraHealth,
+    Channel,
+    CommandKind,
+    Heartbeat,
+    LockState,
+    device_topic,
+    encode,
+)
 
 NOW = 1_800_000_000.0
 
@@ -75,6 +88,58 @@ async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) ->
         with service.ops.session() as s:
             command = s.exec(select(Command)).one()
         assert (command.status, command.acked_at) == (CommandStatus.APPLIED, NOW + 2)
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
+
+
+async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Path) -> None:
+    """A device's return whose batch failed as a whole (database down, twice) is forgotten
+    in memory as well: its next heartbeat is not taken for routine by the network thread
+    but brings it back, so memory and database never disagree for good."""
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
+    assert service.ingest.inbound is not None
+    apply = service.ingest.inbound._apply
+    failures = iter([True, True])  # the batch and its retry
+
+    def flaky(items: list[Inbound]) -> Applied:
+        if next(failures, False):
+            raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
+        return apply(items)
+
+    service.ingest.inbound._apply = flaky
+    try:
+        with service.ops.session() as s:
+            s.add(Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.OFFLINE))
+        service.ingest.known.add("dev-aa")
+        service.liveness.baseline("dev-aa", NOW - 600, online=False)
+        hb = encode(
+            Heartbeat(
+                ts=NOW,
+                seq=1,
+                uptime_s=5,
+                state=LockState.LOCKED,
+                camera=CameraHealth.OK,
+                clock_synced=True,
+                fw="1.0.0",
+            )
+        )
+        topic = device_topic("dev-aa", Channel.HB)
+        assert not service.ingest.heartbeat_fast(topic, hb)  # coming back: the loop's
+        await service.ingest.handle(topic, hb, NOW)
+        await service.ingest.inbound.drain()
+        assert not service.liveness.is_online("dev-aa")  # not written: not online in memory
+        assert not service.ingest.heartbeat_fast(topic, hb)  # so the next one is the loop's
+        await service.ingest.handle(topic, hb, NOW + 1)
+        await service.ingest.inbound.drain()
+        with service.ops.session() as s:
+            device = s.get(Device, "dev-aa")
+            assert device is not None and device.connectivity is Connectivity.ONLINE
+        assert service.liveness.is_online("dev-aa")
+        assert service.ingest.heartbeat_fast(topic, hb)  # routine again
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()
