@@ -223,12 +223,18 @@ class Ingest:
     async def _applied(self, items: list[Inbound], result: Applied) -> None:
         for item, why, detail in result.rejected:
             self._reject(_CHANNEL[type(item.message)], why, item.device_id, detail)
-            if item.contact:
+            message = item.message
+            if item.contact or (isinstance(message, Status) and message.status == "online"):
                 # Its coming back was not written (the database failed, or the message):
                 # forgotten in memory too, so the device's next message tries again. Else
                 # memory says online, the database offline, and heartbeats, handled in the
                 # network thread for devices online in memory, never repair it.
                 self._live.gone(item.device_id)
+            elif isinstance(message, Status) and why != "unknown_device":
+                # A Last Will not written: the database still says online. Silence
+                # detection takes over (counted from now), so a dead device still gets
+                # its visit, one threshold later.
+                self._live.seen(item.device_id, item.now)
         if result.publish and self._publish is not None:
             await self._publish(result.publish)
         if result.touched:

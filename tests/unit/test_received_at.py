@@ -6,6 +6,7 @@ return that the database did not take is tried again."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,7 @@ from tillsyn_protocol import (
     CommandKind,
     Heartbeat,
     LockState,
+    Status,
     device_topic,
     encode,
 )
@@ -140,6 +142,38 @@ async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Pa
             assert device is not None and device.connectivity is Connectivity.ONLINE
         assert service.liveness.is_online("dev-aa")
         assert service.ingest.heartbeat_fast(topic, hb)  # routine again
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
+
+
+async def test_a_last_will_the_database_did_not_take_leaves_the_device_to_silence(
+    tmp_path: Path,
+) -> None:
+    """A Last Will whose batch failed as a whole: the database still says online, so the
+    device is watched for silence again (from now), and a dead one still gets its visit."""
+    settings = FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
+    assert service.ingest.inbound is not None
+
+    def down(items: list[Inbound]) -> Applied:
+        raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
+
+    service.ingest.inbound._apply = down
+    try:
+        with service.ops.session() as s:
+            s.add(Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.ONLINE))
+        service.ingest.known.add("dev-aa")
+        service.liveness.baseline("dev-aa", NOW - 5, online=True)
+        will = encode(Status(status="offline", ts=NOW, boot_id="b1"))
+        await service.ingest.handle(device_topic("dev-aa", Channel.STATUS), will, NOW)
+        await service.ingest.inbound.drain()
+        assert service.liveness.is_online("dev-aa")  # silence detection has it again
+        assert service.liveness.silent() == []  # counted from now, not from long ago
+        service.liveness.mono = lambda: time.monotonic() + settings.offline_after_s + 1
+        assert [d for d, _ in service.liveness.silent()] == ["dev-aa"]
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()
