@@ -1,6 +1,7 @@
 """Window storm: N devices whose window opens at the same second; time from the window's
 start to each device's acknowledged ARMED as the fleet recorded it (``command.acked_at`` of
-the arm in the ledger), against the raw floor measured in the same run.
+the arm in the ledger: when the fleet's network thread received the ack, the point at
+which the floor's commander times its own), against the raw floor measured in the same run.
 
 The floor (bench/_bare_commander.py, its own process like the fleet): sign N arm tokens
 with tillsyn_protocol.tokens, publish them QoS 1 with paho and collect the N acks, no fleet
