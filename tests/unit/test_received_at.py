@@ -6,7 +6,9 @@ return that the database did not take is tried again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -33,6 +35,37 @@ from tillsyn_protocol import (
 )
 
 NOW = 1_800_000_000.0
+HEARTBEAT = encode(
+    Heartbeat(
+        ts=NOW,
+        seq=1,
+        uptime_s=5,
+        state=LockState.LOCKED,
+        camera=CameraHealth.OK,
+        clock_synced=True,
+        fw="1.0.0",
+    )
+)
+
+
+def _settings(tmp_path: Path) -> FleetSettings:
+    return FleetSettings(
+        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    )
+
+
+@contextlib.contextmanager
+def _service(tmp_path: Path, now: float, device: Device) -> Iterator[FleetService]:
+    """A service on a fixed clock with this one device registered."""
+    service = FleetService(_settings(tmp_path), registry=CollectorRegistry(), clock=lambda: now)
+    try:
+        with service.ops.session() as s:
+            s.add(device)
+        service.ingest.known.add(device.id)
+        yield service
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
 
 
 async def test_the_network_thread_stamps_each_message_with_the_links_clock(
@@ -43,10 +76,9 @@ async def test_the_network_thread_stamps_each_message_with_the_links_clock(
     async def nothing(batch: list[tuple[str, bytes, float]]) -> None:
         return None
 
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
+    link = MqttLink(
+        _settings(tmp_path), FleetMetrics(CollectorRegistry()), nothing, clock=lambda: next(ticks)
     )
-    link = MqttLink(settings, FleetMetrics(CollectorRegistry()), nothing, clock=lambda: next(ticks))
     link._loop = asyncio.get_running_loop()
     link._inbound("tillsyn/v1/dev/dev-aa/ack", b"a")  # what the network thread calls
     link._inbound("tillsyn/v1/dev/dev-aa/state", b"s")
@@ -57,15 +89,9 @@ async def test_the_network_thread_stamps_each_message_with_the_links_clock(
 
 
 async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) -> None:
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
     later = NOW + 30  # the event loop got to it half a minute after it came in
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: later)
-    try:
+    with _service(tmp_path, later, Device(id="dev-aa", resident_id="res-aa")) as service:
         with service.ops.session() as s:
-            s.add(Device(id="dev-aa", resident_id="res-aa"))
-            s.flush()
             s.add(
                 Command(
                     jti="j-1",
@@ -79,7 +105,6 @@ async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) ->
                     last_sent_at=NOW,
                 )
             )
-        service.ingest.known.add("dev-aa")
         service.liveness.baseline("dev-aa", NOW, online=True)
         ack = Ack(jti="j-1", ts=NOW + 2, result=AckResult.APPLIED, state=LockState.ARMED)
         await service.ingest.handle_batch(
@@ -90,22 +115,13 @@ async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) ->
         with service.ops.session() as s:
             command = s.exec(select(Command)).one()
         assert (command.status, command.acked_at) == (CommandStatus.APPLIED, NOW + 2)
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
 
 
-async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Path) -> None:
-    """A device's return whose batch failed as a whole (database down, twice) is forgotten
-    in memory as well: its next heartbeat is not taken for routine by the network thread
-    but brings it back, so memory and database never disagree for good."""
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
+def _fail(service: FleetService, times: int) -> None:
+    """The next ``times`` attempts at a batch of device messages fail as a whole."""
     assert service.ingest.inbound is not None
     apply = service.ingest.inbound._apply
-    failures = iter([True, True])  # the batch and its retry
+    failures = iter([True] * times)
 
     def flaky(items: list[Inbound]) -> Applied:
         if next(failures, False):
@@ -113,38 +129,30 @@ async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Pa
         return apply(items)
 
     service.ingest.inbound._apply = flaky
-    try:
-        with service.ops.session() as s:
-            s.add(Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.OFFLINE))
-        service.ingest.known.add("dev-aa")
+
+
+async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Path) -> None:
+    """A device's return whose batch failed as a whole (database down, twice) is forgotten
+    in memory as well: its next heartbeat is not taken for routine by the network thread
+    but brings it back, so memory and database never disagree for good."""
+    offline = Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.OFFLINE)
+    with _service(tmp_path, NOW, offline) as service:
+        assert service.ingest.inbound is not None
+        _fail(service, 2)  # the batch and its retry
         service.liveness.baseline("dev-aa", NOW - 600, online=False)
-        hb = encode(
-            Heartbeat(
-                ts=NOW,
-                seq=1,
-                uptime_s=5,
-                state=LockState.LOCKED,
-                camera=CameraHealth.OK,
-                clock_synced=True,
-                fw="1.0.0",
-            )
-        )
         topic = device_topic("dev-aa", Channel.HB)
-        assert not service.ingest.heartbeat_fast(topic, hb)  # coming back: the loop's
-        await service.ingest.handle(topic, hb, NOW)
+        assert not service.ingest.heartbeat_fast(topic, HEARTBEAT)  # coming back: the loop's
+        await service.ingest.handle(topic, HEARTBEAT, NOW)
         await service.ingest.inbound.drain()
         assert not service.liveness.is_online("dev-aa")  # not written: not online in memory
-        assert not service.ingest.heartbeat_fast(topic, hb)  # so the next one is the loop's
-        await service.ingest.handle(topic, hb, NOW + 1)
+        assert not service.ingest.heartbeat_fast(topic, HEARTBEAT)  # the next: the loop's
+        await service.ingest.handle(topic, HEARTBEAT, NOW + 1)
         await service.ingest.inbound.drain()
         with service.ops.session() as s:
             device = s.get(Device, "dev-aa")
             assert device is not None and device.connectivity is Connectivity.ONLINE
         assert service.liveness.is_online("dev-aa")
-        assert service.ingest.heartbeat_fast(topic, hb)  # routine again
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
+        assert service.ingest.heartbeat_fast(topic, HEARTBEAT)  # routine again
 
 
 async def test_a_last_will_the_database_did_not_take_leaves_the_device_to_silence(
@@ -152,28 +160,16 @@ async def test_a_last_will_the_database_did_not_take_leaves_the_device_to_silenc
 ) -> None:
     """A Last Will whose batch failed as a whole: the database still says online, so the
     device is watched for silence again (from now), and a dead one still gets its visit."""
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    service = FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
-    assert service.ingest.inbound is not None
-
-    def down(items: list[Inbound]) -> Applied:
-        raise OperationalError("BEGIN", {}, Exception("disk I/O error"))
-
-    service.ingest.inbound._apply = down
-    try:
-        with service.ops.session() as s:
-            s.add(Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.ONLINE))
-        service.ingest.known.add("dev-aa")
+    online = Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.ONLINE)
+    with _service(tmp_path, NOW, online) as service:
+        assert service.ingest.inbound is not None
+        _fail(service, 2)
         service.liveness.baseline("dev-aa", NOW - 5, online=True)
         will = encode(Status(status="offline", ts=NOW, boot_id="b1"))
         await service.ingest.handle(device_topic("dev-aa", Channel.STATUS), will, NOW)
         await service.ingest.inbound.drain()
         assert service.liveness.is_online("dev-aa")  # silence detection has it again
         assert service.liveness.silent() == []  # counted from now, not from long ago
-        service.liveness.mono = lambda: time.monotonic() + settings.offline_after_s + 1
+        threshold = service.liveness.threshold_s
+        service.liveness.mono = lambda: time.monotonic() + threshold + 1
         assert [d for d, _ in service.liveness.silent()] == ["dev-aa"]
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
