@@ -5,6 +5,7 @@ a few per device: a per-device reconcile cost 1-2 ms on SQLite, which is tens of
 of the database thread for 10,000 devices. The rows are ORM objects of the caller's
 session, so what the pass changes (a check opened, a command superseded) is what the
 rest of the pass sees; the lists are filtered by their *current* state when used.
+Windows, which no pass changes, are plain tuples (:class:`WindowSpec`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ Ts = TypeVarTuple("Ts")
 
 class WindowSpec(NamedTuple):
     """An active window as reconciliation reads it: a tuple, not an ORM object. Nothing
-    a pass does changes a window, and loading 10,000 ``Window`` objects (each with a
-    ``created_at`` to parse) was a sixth of a window start's snapshot."""
+    a pass does changes a window, and a window start loads 10,000 of them: five values
+    each, not an object with its instrumentation and a ``created_at`` to parse."""
 
     start_local: str
     duration_s: int
@@ -68,8 +69,8 @@ class DeviceData:
 
 def devices() -> SelectOfScalar[Device]:
     """Devices as the storm's paths load them: without ``created_at``, which nothing
-    there reads and which SQLite returns as text to parse into an aware datetime, a
-    tenth of loading a device (loaded on first access, if ever)."""
+    there reads and which SQLite returns as text, parsed into an aware datetime for every
+    device loaded (loaded on first access instead, if ever)."""
     return select(Device).options(defer(cast("QueryableAttribute[Any]", Device.created_at)))
 
 
