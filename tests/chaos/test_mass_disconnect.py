@@ -100,10 +100,20 @@ async def test_mass_disconnect_is_one_platform_incident_and_every_visit(
             seen = devices(engine)
             late = [d for d in ids if seen[d].connectivity is not Connectivity.ONLINE]
             detail = [
-                (d, seen[d].connectivity.value, herd.agents[d].connected, herd.agents[d].counters)
+                (
+                    d,
+                    seen[d].connectivity.value,
+                    herd.agents[d].connected,
+                    dict(herd.agents[d].counters),
+                    _task_end(herd.tasks.get(d)),  # an agent whose run() ended never returns
+                )
                 for d in late
             ]
-            raise AssertionError(f"{exc}; not online: {detail}; proxy: {proxy.accepted}") from exc
+            raise AssertionError(
+                f"{exc}; not online (device, fleet's view, agent connected, agent counters,"
+                f" agent task): {detail}; proxy accepted {proxy.accepted}; fleet log:"
+                f" {fleet.log}"
+            ) from exc
 
     try:
         await fleet.wait_leading()
@@ -212,3 +222,13 @@ async def test_mass_disconnect_is_one_platform_incident_and_every_visit(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _task_end(task: asyncio.Task[None] | None) -> str:
+    if task is None:
+        return "no task"
+    if not task.done():
+        return "running"
+    if task.cancelled():
+        return "cancelled"
+    return f"ended: {task.exception()!r}"
