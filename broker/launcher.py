@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pwd
+import random
 import resource
 import shutil
 import signal
@@ -81,12 +82,37 @@ def find_mosquitto() -> Path:
     return Path(found)
 
 
+_LOWEST_PICKED = 20_000
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out as the source of outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, for a server started a moment later.
+
+    Chosen below the ephemeral range: a port from ``bind(0)`` is in it, and between its
+    release and the server's bind, any outgoing connection (the test suite opens
+    thousands) may take it as its source port ("address already in use", seen in CI)."""
+    high = _ephemeral_low() - 1
+    if high > _LOWEST_PICKED:
+        for _ in range(200):
+            port = random.randint(_LOWEST_PICKED, high)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue  # taken (or in TIME_WAIT): another
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def config_directives(text: str) -> list[tuple[str, str]]:
