@@ -98,7 +98,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Chosen below the ephemeral range: a port from ``bind(0)`` is in it, and between its
     release and the server's bind, any outgoing connection (the test suite opens
-    thousands) may take it as its source port ("address already in use", seen in CI)."""
+    thousands) may take it as its source port ("address already in use", seen in a full
+    run of the suite)."""
     high = _ephemeral_low() - 1
     if high > _LOWEST_PICKED:
         for _ in range(200):

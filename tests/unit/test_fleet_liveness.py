@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fleet.liveness import Liveness, facts_of
-from tillsyn_protocol import CameraHealth, Heartbeat, LockState
+from tests.unit.service_support import heartbeat
+from tillsyn_protocol import Heartbeat
 
 
 class Mono:
@@ -53,16 +54,7 @@ def test_baseline_counts_silence_from_start_up() -> None:
 
 
 def _hb(ts: float, *, fw: str = "1.2.0", synced: bool = True) -> Heartbeat:
-    return Heartbeat(
-        v=1,
-        ts=ts,
-        seq=1,
-        uptime_s=10,
-        state=LockState.LOCKED,
-        camera=CameraHealth.OK,
-        clock_synced=synced,
-        fw=fw,
-    )
+    return heartbeat(ts, fw=fw, synced=synced)
 
 
 def test_last_seen_writes_are_throttled_but_fact_changes_go_at_once() -> None:

@@ -13,7 +13,7 @@ from broker.launcher import free_port
 
 def test_free_ports_are_below_the_ephemeral_range_and_free() -> None:
     """Not a port an outgoing connection can take between the pick and the server's bind
-    (a port from ``bind(0)`` can: "address already in use" in CI), and free."""
+    (a port from ``bind(0)`` can: "address already in use" in a full run), and free."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = {free_port() for _ in range(20)}
     assert all(20_000 <= p < low for p in ports)

@@ -6,32 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from fleet.batch import Applied, Inbound
-from fleet.config import FleetSettings
 from fleet.ingest import KnownDevices
 from fleet.models import Device
-from fleet.service import FleetService
+from tests.unit import service_support as support
+from tests.unit.service_support import NOW
 from tillsyn_protocol import (
     CameraHealth,
     Channel,
     Event,
     EventKind,
-    Heartbeat,
     LockState,
     device_topic,
     encode,
 )
-
-NOW = 1_800_000_000.0
-
-
-def _service(tmp_path: Path) -> FleetService:
-    settings = FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-    return FleetService(settings, registry=CollectorRegistry(), clock=lambda: NOW)
 
 
 def test_known_devices_hand_back_the_stored_string() -> None:
@@ -46,32 +34,19 @@ def test_known_devices_hand_back_the_stored_string() -> None:
 
 async def test_a_heartbeat_leaves_only_the_stored_id_behind(tmp_path: Path) -> None:
     now = NOW
-    service = _service(tmp_path)
-    try:
+    with support.service(tmp_path) as service:
         stored = "".join(["dev-", "k0001"])
         service.ingest.known.add(stored)
         service.liveness.baseline(stored, now - 60, online=True, camera=CameraHealth.OK)
         service.liveness.drain()
-        hb = Heartbeat(
-            ts=now,
-            seq=1,
-            uptime_s=5,
-            state=LockState.LOCKED,
-            camera=CameraHealth.OK,
-            clock_synced=True,
-            fw="1.0.0",
-        )
         topic = device_topic("".join(["dev-", "k0001"]), Channel.HB)
-        assert service.ingest.heartbeat_fast(topic, encode(hb))
+        assert service.ingest.heartbeat_fast(topic, encode(support.heartbeat(now)))
         (dirty,) = service.liveness._dirty
         assert dirty is stored
         (online,) = service.liveness._online
         assert online is stored
         # An unknown device's heartbeat is not handled here (the event loop rejects it).
         assert not service.ingest.heartbeat_fast(device_topic("dev-k0002", Channel.HB), b"{}")
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
 
 
 async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path: Path) -> None:
@@ -79,21 +54,20 @@ async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path
     carries the state): from an online device it is not queued; from a device coming
     back it is (its contact is what brings the device back), and other kinds always are."""
     now = NOW
-    service = _service(tmp_path)
-    applied: list[tuple[str, str, bool]] = []
-    apply = service.ops.apply_inbound
+    with support.service(tmp_path) as service:
+        applied: list[tuple[str, str, bool]] = []
+        apply = service.ops.apply_inbound
 
-    def recording(items: list[Inbound]) -> Applied:
-        applied.extend(
-            (i.device_id, getattr(i.message, "kind", type(i.message).__name__), i.contact)
-            for i in items
-        )
-        return apply(items)
+        def recording(items: list[Inbound]) -> Applied:
+            applied.extend(
+                (i.device_id, getattr(i.message, "kind", type(i.message).__name__), i.contact)
+                for i in items
+            )
+            return apply(items)
 
-    service.ops.apply_inbound = recording  # type: ignore[method-assign]
-    assert service.ingest.inbound is not None
-    service.ingest.inbound._apply = recording
-    try:
+        service.ops.apply_inbound = recording  # type: ignore[method-assign]
+        assert service.ingest.inbound is not None
+        service.ingest.inbound._apply = recording
         with service.ops.session() as s:
             s.add_all(Device(id=d, resident_id=f"res-{d}") for d in ("dev-on", "dev-back"))
         for d in ("dev-on", "dev-back"):
@@ -121,9 +95,6 @@ async def test_state_changed_events_of_online_devices_skip_the_database(tmp_path
             )
             == 4
         )
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
 
 
 async def test_topics_of_registered_devices_skip_the_strict_parser_and_others_do_not(
@@ -132,21 +103,20 @@ async def test_topics_of_registered_devices_skip_the_strict_parser_and_others_do
     """A registered device's topic is split without the strict parser; every other topic
     still goes through it and is rejected as before (bad topic, unknown device)."""
     now = NOW
-    service = _service(tmp_path)
-    seen: list[tuple[str, str]] = []
-    apply = service.ops.apply_inbound
+    with support.service(tmp_path) as service:
+        seen: list[tuple[str, str]] = []
+        apply = service.ops.apply_inbound
 
-    def recording(items: list[Inbound]) -> Applied:
-        seen.extend((i.device_id, type(i.message).__name__) for i in items)
-        return apply(items)
+        def recording(items: list[Inbound]) -> Applied:
+            seen.extend((i.device_id, type(i.message).__name__) for i in items)
+            return apply(items)
 
-    assert service.ingest.inbound is not None
-    service.ingest.inbound._apply = recording
+        assert service.ingest.inbound is not None
+        service.ingest.inbound._apply = recording
 
-    def count(name: str, **labels: str) -> float:
-        return service.metrics.registry.get_sample_value(name, labels) or 0.0
+        def count(name: str, **labels: str) -> float:
+            return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
-    try:
         with service.ops.session() as s:
             s.add(Device(id="dev-ok", resident_id="res-ok"))
         service.ingest.known.add("dev-ok")
@@ -168,6 +138,3 @@ async def test_topics_of_registered_devices_skip_the_strict_parser_and_others_do
         assert count("tillsyn_ingest_rejected_total", channel="event", why="unknown_device") == 1
         assert count("tillsyn_ingest_rejected_total", channel="unknown", why="bad_topic") == 4
         assert count("tillsyn_ingest_rejected_total", channel="cmd", why="unexpected") == 1
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()

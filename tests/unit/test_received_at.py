@@ -6,9 +6,7 @@ return that the database did not take is tried again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -16,56 +14,24 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from fleet.batch import Applied, Inbound
-from fleet.config import FleetSettings
 from fleet.metrics import FleetMetrics
 from fleet.models import Command, CommandStatus, Connectivity, Device
 from fleet.mqtt import MqttLink
 from fleet.service import FleetService
+from tests.unit import service_support as support
+from tests.unit.service_support import NOW
 from tillsyn_protocol import (
     Ack,
     AckResult,
-    CameraHealth,
     Channel,
     CommandKind,
-    Heartbeat,
     LockState,
     Status,
     device_topic,
     encode,
 )
 
-NOW = 1_800_000_000.0
-HEARTBEAT = encode(
-    Heartbeat(
-        ts=NOW,
-        seq=1,
-        uptime_s=5,
-        state=LockState.LOCKED,
-        camera=CameraHealth.OK,
-        clock_synced=True,
-        fw="1.0.0",
-    )
-)
-
-
-def _settings(tmp_path: Path) -> FleetSettings:
-    return FleetSettings(
-        database_url=f"sqlite:///{tmp_path / 'f.db'}", signing_key_file=tmp_path / "key.pem"
-    )
-
-
-@contextlib.contextmanager
-def _service(tmp_path: Path, now: float, device: Device) -> Iterator[FleetService]:
-    """A service on a fixed clock with this one device registered."""
-    service = FleetService(_settings(tmp_path), registry=CollectorRegistry(), clock=lambda: now)
-    try:
-        with service.ops.session() as s:
-            s.add(device)
-        service.ingest.known.add(device.id)
-        yield service
-    finally:
-        service._executor.shutdown(wait=True)
-        service.engine.dispose()
+HEARTBEAT = encode(support.heartbeat())
 
 
 async def test_the_network_thread_stamps_each_message_with_the_links_clock(
@@ -77,7 +43,10 @@ async def test_the_network_thread_stamps_each_message_with_the_links_clock(
         return None
 
     link = MqttLink(
-        _settings(tmp_path), FleetMetrics(CollectorRegistry()), nothing, clock=lambda: next(ticks)
+        support.settings(tmp_path),
+        FleetMetrics(CollectorRegistry()),
+        nothing,
+        clock=lambda: next(ticks),
     )
     link._loop = asyncio.get_running_loop()
     link._inbound("tillsyn/v1/dev/dev-aa/ack", b"a")  # what the network thread calls
@@ -90,7 +59,7 @@ async def test_the_network_thread_stamps_each_message_with_the_links_clock(
 
 async def test_an_ack_is_recorded_at_the_time_it_was_received(tmp_path: Path) -> None:
     later = NOW + 30  # the event loop got to it half a minute after it came in
-    with _service(tmp_path, later, Device(id="dev-aa", resident_id="res-aa")) as service:
+    with support.service(tmp_path, later, Device(id="dev-aa", resident_id="res-aa")) as service:
         with service.ops.session() as s:
             s.add(
                 Command(
@@ -136,7 +105,7 @@ async def test_a_come_back_the_database_did_not_take_is_tried_again(tmp_path: Pa
     in memory as well: its next heartbeat is not taken for routine by the network thread
     but brings it back, so memory and database never disagree for good."""
     offline = Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.OFFLINE)
-    with _service(tmp_path, NOW, offline) as service:
+    with support.service(tmp_path, NOW, offline) as service:
         assert service.ingest.inbound is not None
         _fail(service, 2)  # the batch and its retry
         service.liveness.baseline("dev-aa", NOW - 600, online=False)
@@ -161,7 +130,7 @@ async def test_a_last_will_the_database_did_not_take_leaves_the_device_to_silenc
     """A Last Will whose batch failed as a whole: the database still says online, so the
     device is watched for silence again (from now), and a dead one still gets its visit."""
     online = Device(id="dev-aa", resident_id="res-aa", connectivity=Connectivity.ONLINE)
-    with _service(tmp_path, NOW, online) as service:
+    with support.service(tmp_path, NOW, online) as service:
         assert service.ingest.inbound is not None
         _fail(service, 2)
         service.liveness.baseline("dev-aa", NOW - 5, online=True)
