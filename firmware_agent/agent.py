@@ -344,6 +344,10 @@ class Agent:
                     self._reports.event(kind, new, reason=reason)
                     log.info("state %s -> %s (%s)", old and old.value, new.value, reason)
                 case AckOut():
+                    if action.result is AckResult.APPLIED:
+                        # Its seq, and an arm's end, are in the retained state even when
+                        # the state itself did not change (an arm extending an armed one).
+                        self._state_dirty = True
                     self._reports.ack(action)
         if camera_failed and not in_fault:
             await self._camera_failed()

@@ -344,18 +344,31 @@ class FleetOps:
         self, session: Session, device_id: str, report: StateReport, now: float
     ) -> list[str]:
         device = self._device(session, device_id)
-        if device.reported_state is not LockState.LOCKED and report.state is LockState.LOCKED:
-            self.metrics.windows.labels(event="closed").inc()
-        changed = (device.reported_state, device.armed_until) != (
-            report.state,
-            report.armed_until,
+        changed = self._record_state(
+            session, device, report.state, report.armed_until, report.last_seq, now
         )
-        last_seq = max(device.device_last_seq, report.last_seq)
+        return [device_id] if changed else []
+
+    def _record_state(
+        self,
+        session: Session,
+        device: Device,
+        state: LockState,
+        armed_until: float | None,
+        last_seq: int,
+        now: float,
+    ) -> bool:
+        """What the device reported (a state report, or an ack: ``_state_of_ack``);
+        whether its state changed."""
+        if device.reported_state is not LockState.LOCKED and state is LockState.LOCKED:
+            self.metrics.windows.labels(event="closed").inc()
+        changed = (device.reported_state, device.armed_until) != (state, armed_until)
+        last_seq = max(device.device_last_seq, last_seq)
         writeback.assign(
             session,
             device,
-            reported_state=report.state,
-            armed_until=report.armed_until,
+            reported_state=state,
+            armed_until=armed_until,
             reported_at=now,
             device_last_seq=last_seq,
             next_seq=max(device.next_seq, last_seq + 1),
@@ -365,13 +378,13 @@ class FleetOps:
             audit_batch.append(
                 session,
                 ts=now,
-                actor=device_id,
+                actor=device.id,
                 action="device.state",
-                subject=device_id,
-                state=report.state.value,
-                armed_until=report.armed_until,
+                subject=device.id,
+                state=state.value,
+                armed_until=armed_until,
             )
-        return [device_id] if changed else []
+        return changed
 
     def on_ack(self, device_id: str, ack: Ack, now: float) -> list[str]:
         with self.session() as session:
@@ -389,7 +402,10 @@ class FleetOps:
         if ack.result is AckResult.REFUSED:
             reason = ack.reason.value if ack.reason else UNLABELLED_REFUSAL
             self.metrics.refusals.labels(reason=reason).inc()
+        told = device.device_last_seq  # the latest seq a report or an ack has shown
         command = self.ledger.on_ack(session, device, ack, now, commands)
+        if command is not None and command.seq > told:
+            self._state_of_ack(session, device, command, ack, now)
         if command is not None and command.kind is CommandKind.LOOK:
             look = session.get(Look, command.look_id)
             if look is not None and ack.result is AckResult.REFUSED:
@@ -403,6 +419,29 @@ class FleetOps:
             return []
         applied = command is not None and command.status is CommandStatus.APPLIED
         return [] if applied else [device_id]
+
+    def _state_of_ack(
+        self, session: Session, device: Device, command: Command, ack: Ack, now: float
+    ) -> None:
+        """An applied arm or disarm is also a report of the state it left the device in.
+
+        Recorded as one: the device publishes its state before the ack, but with two
+        replicas on a shared subscription the ack may be applied first, and a reconcile
+        between the two saw the arm applied and the device still locked, and armed it
+        again. Only when no report has shown this command yet (the caller checks: seqs,
+        not arrival times, which two replicas stamp on their own), and for the device's
+        latest command (an older one's effect may be undone)."""
+        if ack.result is not AckResult.APPLIED or command.status is not CommandStatus.APPLIED:
+            return
+        if command.seq != device.next_seq - 1:
+            return
+        if command.kind is CommandKind.ARM and ack.state is not LockState.LOCKED:
+            until = command.until
+        elif command.kind is CommandKind.DISARM and ack.state is LockState.LOCKED:
+            until = None
+        else:
+            return
+        self._record_state(session, device, ack.state, until, command.seq, now)
 
     def on_event(self, device_id: str, event: Event, now: float) -> list[str]:
         with self.session() as session:

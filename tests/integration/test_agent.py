@@ -181,6 +181,26 @@ async def test_arm_then_the_window_end_relocks_without_disarm(device: Device) ->
     assert_on_schema(fleet.messages)
 
 
+async def test_an_arm_that_extends_an_armed_window_is_in_the_retained_state(
+    device: Device,
+) -> None:
+    """No state change, but the window's end and the seq are: the fleet must see them (it
+    compares them with the arm it wants, and would arm again otherwise)."""
+    agent = device.agent()
+    async with device.probe() as fleet, running(agent):
+        await connected(agent)
+        now = time.time()
+        await fleet.send(device.signer.arm(now, int(now) + 20))
+        await device.wait_retained(Channel.STATE, state_is(LockState.ARMED))
+        longer = int(now) + 40
+        await fleet.send(device.signer.arm(time.time(), longer))
+        ack = await fleet.wait_for(Channel.ACK, lambda a: a["seq"] == 2)
+        assert (ack["result"], ack["state"]) == ("applied", "ARMED")
+        state = await device.wait_retained(Channel.STATE, lambda s: s["last_seq"] == 2)
+        assert (state["state"], state["armed_until"]) == ("ARMED", longer)
+    assert_on_schema(fleet.messages)
+
+
 async def test_look_is_capped_then_disarm(device: Device) -> None:
     agent = device.agent()  # look_cap_s = 2 in the test config
     cam = camera(agent)

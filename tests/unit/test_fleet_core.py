@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from fleet.db import init_db, make_engine
 from fleet.errors import ConfigError, Conflict
 from fleet.metrics import FleetMetrics
 from fleet.models import (
+    AuditEvent,
     Command,
     CommandStatus,
     Device,
@@ -152,6 +154,52 @@ def test_ack_settles_command_and_foreign_ack_changes_nothing(ops: FleetOps) -> N
     assert commands(ops, "dev-a1")[0].status is CommandStatus.PENDING
     ops.on_ack("dev-a1", applied(arm_a), T22 + 1)
     assert commands(ops, "dev-a1")[0].status is CommandStatus.APPLIED
+
+
+def device(ops: FleetOps, device_id: str = "dev-a1") -> Device:
+    found = ops.run(lambda s: s.get(Device, device_id))
+    assert found is not None
+    return found
+
+
+def test_an_applied_arm_is_the_devices_state_until_its_report_arrives(ops: FleetOps) -> None:
+    """Two replicas: the ack reached one, the state report (sent first) is still on its way
+    to the other. A reconcile between the two must not arm the device again."""
+    add(ops)
+    ops.reconcile(None, T22)
+    arm = commands(ops)[0]
+    ops.on_ack("dev-a1", applied(arm), T22 + 0.2)
+    armed = device(ops)
+    assert (armed.reported_state, armed.armed_until) == (LockState.ARMED, T22 + 600)
+    assert ops.reconcile(None, T22 + 0.3).publish == []
+    assert ops.reconcile(None, T22 + 61).publish == []  # and no arm-unconfirmed visit
+    assert [c.kind for c in commands(ops)] == [CommandKind.ARM] and visits(ops) == []
+    # The report then changes nothing: no second state entry in the audit trail.
+    report(ops, LockState.ARMED, T22 + 600, T22 + 0.4, seq=1)
+    states = ops.run(
+        lambda s: s.exec(select(AuditEvent).where(AuditEvent.action == "device.state")).all()
+    )
+    assert [(json.loads(e.detail)["state"], e.ts) for e in states] == [("ARMED", T22 + 0.2)]
+
+
+def test_an_ack_is_not_taken_as_state_when_it_is_not_the_latest_word(ops: FleetOps) -> None:
+    add(ops)
+    ops.reconcile(None, T22)
+    arm = commands(ops)[0]
+    # A report has already shown the arm (seq 1) and what followed it (the device locked
+    # again: its own timer, a reboot): the ack is older news.
+    report(ops, LockState.LOCKED, None, T22 + 0.5, seq=1)
+    ops.on_ack("dev-a1", applied(arm), T22 + 0.6)
+    assert device(ops).reported_state is LockState.LOCKED
+    # An ack of an arm that a newer arm replaced (the window was lengthened meanwhile).
+    ops.reconcile(None, T22 + 1)
+    (old,) = [c for c in commands(ops) if c.status is CommandStatus.PENDING]
+    ops.remove_window(1, T22 + 2, "test")
+    ops.add_window(Window(device_id="dev-a1", start_local="22:00:00", duration_s=900), T22 + 2, "t")
+    ops.reconcile(None, T22 + 2)
+    assert [c.until for c in commands(ops)][-1] == T22 + 900
+    ops.on_ack("dev-a1", applied(old), T22 + 3)
+    assert device(ops).reported_state is LockState.LOCKED
 
 
 def test_resend_until_acked_then_expire_at_deadline(ops: FleetOps) -> None:
