@@ -8,7 +8,8 @@ python -m bench._bare_commander PORT CA CERT KEY SIGNING_KEY IDS_FILE SEQ UNTIL 
 
 First disarms every device (seq SEQ - 1) so each arm is a real LOCKED -> ARMED transition
 like the fleet's, prints "ready", waits for "go" on stdin, then arms them all (seq SEQ) and
-prints {"latencies": [...]}: seconds from "go" to each device's applied ack.
+prints {"latencies": [...]}: seconds from "go" to each device's applied ack. Any other line
+than "go" ends it there: the devices are left disarmed (the benchmark's next round).
 
 With PACE_FILE (lines "device offset"), each arm leaves at its offset in seconds after
 "go" instead of all at once: the fleet's own send times replayed, so that the devices see
@@ -102,7 +103,9 @@ def main() -> None:
     disarmed = Acks(seq - 1, len(ids))
     run(net, router, key, ids, disarmed, lambda d, now: tokens.disarm(d, seq=seq - 1, now=now))
     print("ready", len(disarmed.at), flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() != "go":  # "quit": only the disarms (between rounds)
+        net.stop()
+        return
     armed = Acks(seq, len(ids))
     start = run(
         net,
