@@ -150,6 +150,13 @@ def floor(
     return latencies, took, *cpu
 
 
+def window_start(lead: float) -> tuple[float, str]:
+    """The first whole minute at least ``lead`` s ahead (windows open "in the same minute",
+    at its first second), as epoch seconds and as the windows' local start."""
+    t0 = math.ceil((time.time() + lead) / 60) * 60
+    return t0, datetime.fromtimestamp(t0, ZoneInfo(TZ)).strftime("%H:%M:%S")
+
+
 def next_round(
     root: Path, pki: PkiPaths, port: int, fleet: FleetProcess, ids: list[str], seq: int, lead: float
 ) -> float:
@@ -162,8 +169,7 @@ def next_round(
     proc.stdin.write("quit\n")
     proc.stdin.flush()
     proc.wait(60)
-    t0 = math.ceil((time.time() + lead) / 60) * 60
-    start_local = datetime.fromtimestamp(t0, ZoneInfo(TZ)).strftime("%H:%M:%S")
+    t0, start_local = window_start(lead)
     with sqlite3.connect(fleet.db, timeout=30) as con:
         con.execute(
             "UPDATE device SET reported_state = 'LOCKED', armed_until = NULL,"
@@ -279,11 +285,9 @@ def main() -> None:
         pki, broker = start_broker(root)
         fleet = sim = None
         try:
-            # Far enough ahead for the fleet to start and every device to connect; on a
-            # whole minute, so the windows open "in the same minute" (at its first second).
+            # Far enough ahead for the fleet to start and every device to connect.
             lead = args.lead or 60 + n * 0.02
-            t0 = math.ceil((time.time() + lead) / 60) * 60
-            start_local = datetime.fromtimestamp(t0, ZoneInfo(TZ)).strftime("%H:%M:%S")
+            t0, start_local = window_start(lead)
             ids = [f"dev-sim-{i:06d}" for i in range(n)]
             register_in_db(
                 f"sqlite:///{root / 'fleet.db'}",
