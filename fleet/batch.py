@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -103,8 +104,10 @@ class InboundQueue:
         self._joined = threading.Condition(self._lock)  # sealed or full: stop lingering
         self._open: _Batch | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_added = -math.inf  # monotonic
 
     def add(self, item: Inbound) -> None:
+        self._last_added = time.monotonic()
         with self._lock:
             batch = self._open
             if batch is not None and not batch.taken and len(batch.items) < self._max:
@@ -124,6 +127,12 @@ class InboundQueue:
         with self._lock:
             self._open = None
             self._joined.notify_all()
+
+    def quiet_for(self) -> float:
+        """Seconds since a message was last queued, 0 while any is still to be applied."""
+        if self._tasks:
+            return 0.0
+        return time.monotonic() - self._last_added
 
     async def drain(self) -> None:
         """Wait until everything queued so far is applied (tests, shutdown)."""

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECONCILE_PART = 1000  # devices per transaction when one edge concerns very many
+# Background work (the sweep's full pass, the dashboards' gauges) after an edge waits
+# until no device message has been queued for this long (its acks and state reports are
+# in), or a sweep interval has passed: a 10,000-device window start's sweep pass and
+# gauge refresh, run among its acks, were a seventh of the fleet's storm CPU and delayed
+# the acks' bookkeeping behind a re-check of devices the edge had just reconciled.
+SETTLE_QUIET_S = 1.0
 
 
 class FleetService:
@@ -122,6 +129,7 @@ class FleetService:
         self._edges_running = 0  # edge reconciles in progress; a full pass waits for none
         self._no_edge = asyncio.Event()
         self._no_edge.set()
+        self._edge_done = -math.inf  # monotonic time the last edge reconcile ended
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -138,18 +146,23 @@ class FleetService:
         if items:
             await self.link.publish(items)
 
-    async def reconcile(self, device_ids: list[str] | None, *, edge: bool = False) -> None:
+    async def reconcile(
+        self, device_ids: list[str] | None, *, edge: bool = False, background: bool = False
+    ) -> None:
         """Reconcile these devices (``None``: all, the sweep's full pass); ``edge``: their
-        scheduled instant (a window start), whose commands go before anything else."""
+        scheduled instant (a window start), whose commands go before anything else;
+        ``background`` (the periodic sweep): after an edge, wait until it has settled."""
         if not self.plans.leader:
             return  # only the scheduler leader issues lock commands; its sweep covers this
         if device_ids is None:
             # Every device, in parts like an edge: device messages queued for the database
             # thread meanwhile (a Last Will, acks) wait for one part, not for the whole
             # fleet (a 10,000-device pass in one transaction held them for seconds).
+            if background:
+                await self._after_edges()
             publish, every = await self.db(self._at_now, self.ops.begin_full_pass)
             await self.publish(publish)
-            await self._reconcile(every, full_pass=True)
+            await self._reconcile(every, full_pass=True, background=background)
         else:
             await self._reconcile(device_ids, edge=edge)
 
@@ -161,7 +174,12 @@ class FleetService:
         return fn(*args, self.clock())
 
     async def _reconcile(
-        self, device_ids: list[str], *, edge: bool = False, full_pass: bool = False
+        self,
+        device_ids: list[str],
+        *,
+        edge: bool = False,
+        full_pass: bool = False,
+        background: bool = False,
     ) -> None:
         """In parts of ``RECONCILE_PART`` devices (10,000 windows opening at 22:00), a
         transaction each, each part's commands published as soon as it is done, so the
@@ -173,13 +191,16 @@ class FleetService:
         part's acks, and the last arms of a 10,000-device start left seconds later.
         Anything else keeps one part ahead, so device messages queued meanwhile (a Last
         Will) wait for one part, not for all; a full pass (the sweep, a safety net) also
-        waits while an edge is reconciled, whose arms matter more than its re-check. A part
+        waits while an edge is reconciled, whose arms matter more than its re-check (the
+        periodic sweep's also until the edge has settled: :meth:`_after_edges`). A part
         that fails costs only its own devices (the sweep repairs them): the others' commands
         still go out, then its error is raised."""
         parts = [list(p) for p in snapshot.chunks(device_ids, RECONCILE_PART)]
 
         async def part(ids: list[str]) -> Reconciled:
-            if full_pass:
+            if background:
+                await self._after_edges()
+            elif full_pass:
                 await self._no_edge.wait()
             return await self.db(self._at_now, self.ops.reconcile, ids)
 
@@ -281,7 +302,25 @@ class FleetService:
         finally:
             self._edges_running -= 1
             if not self._edges_running:
+                self._edge_done = time.monotonic()
                 self._no_edge.set()
+
+    async def _after_edges(self) -> None:
+        """A turn for background work (the sweep's full pass, the gauges): no edge being
+        reconciled, and after one, its acks and state reports applied (no device message
+        queued for ``SETTLE_QUIET_S``), but at most a sweep interval after the edge, so a
+        fleet whose messages never pause still gets its sweep. Real (monotonic) time: this
+        is about the machine's load, not the service's clock."""
+        cap = self.settings.sweep_interval_s
+        settle = min(SETTLE_QUIET_S, cap / 10)
+        while True:
+            await self._no_edge.wait()
+            inbound = self.ingest.inbound
+            quiet = settle if inbound is None else inbound.quiet_for()
+            left = self._edge_done + cap - time.monotonic()
+            if left <= 0 or quiet >= settle:
+                return
+            await asyncio.sleep(min(left, settle - quiet))
 
     async def _on_presign(self, device_ids: list[str], at: float) -> None:
         """Sign a crowded edge's arms ahead (``Ledger.presign``), a part per database job
@@ -304,7 +343,7 @@ class FleetService:
         asyncio.get_running_loop().create_task(repair, name=f"repair-{job_id}"[:60])
 
     async def _sweep(self) -> None:
-        await self.reconcile(None)
+        await self.reconcile(None, background=True)
         await self.plans.on_sweep(self.clock())
 
     async def _standby_liveness(self) -> None:
@@ -324,7 +363,7 @@ class FleetService:
         """Dashboard gauges from the database, on every replica (a standby too) and
         whatever the scheduler does: replicas export the same values, dashboards take max()."""
         while True:
-            await self._no_edge.wait()  # a window start's arms first; gauges can wait
+            await self._after_edges()  # a window start's arms and acks first; gauges can wait
             try:
                 now = self.clock()
                 await self.db(self.ops.refresh_gauges, now)

@@ -284,3 +284,31 @@ def test_a_job_cancelled_at_shutdown_is_not_a_failure(caplog: Any) -> None:
     assert ("INFO", "scheduler job sweep cancelled") in levels
     assert ("ERROR", "scheduler job sweep failed: RuntimeError: x") in levels
     assert metrics.jobs_failed.labels(job_type="sweep")._value.get() == 1
+
+
+async def test_quiet_for_counts_from_the_last_message_once_all_are_applied() -> None:
+    """What background work after a window start waits for (``FleetService._after_edges``)."""
+    executor = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+    gate = threading.Event()
+
+    async def finished(items: list[Inbound], result: Applied) -> None:
+        pass
+
+    def submit(fn: Any) -> asyncio.Future[Any]:
+        return loop.run_in_executor(executor, fn)
+
+    queue = InboundQueue(lambda items: Applied(), submit=submit, done=finished, linger_s=0)
+    assert queue.quiet_for() == math.inf  # nothing ever queued
+    blocker = submit(gate.wait)  # the database thread is busy
+    queue.add(Inbound("dev-q3", _state(1), 1))
+    await asyncio.sleep(0.1)
+    assert queue.quiet_for() == 0.0  # queued, not applied yet
+    gate.set()
+    await blocker
+    await queue.drain()
+    quiet = queue.quiet_for()
+    assert 0.1 <= quiet < 5
+    await asyncio.sleep(0.05)
+    assert queue.quiet_for() > quiet
+    executor.shutdown()

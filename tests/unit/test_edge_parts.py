@@ -89,3 +89,63 @@ async def test_a_full_pass_waits_while_an_edge_runs(tmp_path: Path) -> None:
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()
+
+
+class _Inbound:
+    """The device-message queue as ``_after_edges`` sees it: busy until told otherwise."""
+
+    def __init__(self) -> None:
+        self.quiet = 0.0
+
+    def quiet_for(self) -> float:
+        return self.quiet
+
+    def seal(self) -> None:
+        pass
+
+
+async def _full_pass_order(service: FleetService, order: list[str], background: bool) -> None:
+    def begin(now: float) -> tuple[list[Publish], list[str]]:
+        order.append("full pass")
+        return [], ["dev-e3"]
+
+    service.ops.begin_full_pass = begin  # type: ignore[method-assign]
+    service.ops.reconcile = lambda part, now: Reconciled([], {})  # type: ignore[method-assign,assignment]
+    await service.reconcile(None, background=background)
+
+
+async def test_the_sweep_after_an_edge_waits_until_its_acks_are_in(tmp_path: Path) -> None:
+    """The periodic sweep (and the gauges) after a window start wait until no device message
+    has been queued for a while (the storm's acks and state reports are applied), at most a
+    sweep interval after the edge; any other full pass (a reconnect) waits only for the edge
+    itself, and long after an edge nothing waits."""
+    service = _service(tmp_path)
+    service.settings.sweep_interval_s = 3.0  # settles after 0.3 s of quiet
+    inbound = _Inbound()
+    service.ingest.inbound = inbound  # type: ignore[assignment]
+    service.ops.reconcile = lambda part, now: Reconciled([], {})  # type: ignore[method-assign,assignment]
+    order: list[str] = []
+    try:
+        await service._on_edge(["dev-e1"])
+        sweep = asyncio.create_task(_full_pass_order(service, order, background=True))
+        await asyncio.sleep(0.5)
+        assert order == []  # the edge's device messages are still coming in
+        await _full_pass_order(service, order, background=False)
+        assert order == ["full pass"]  # a reconnect's pass does not wait for them
+        inbound.quiet = 0.3
+        await asyncio.wait_for(sweep, 2)
+        assert order == ["full pass", "full pass"]
+
+        # Messages that never pause: the sweep still runs, a sweep interval after the edge.
+        inbound.quiet = 0.0
+        service.settings.sweep_interval_s = 0.5
+        await service._on_edge(["dev-e1"])
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(_full_pass_order(service, order, background=True), 2)
+        assert 0.4 <= asyncio.get_running_loop().time() - t0 < 1.5
+        # Long after the edge it does not wait at all.
+        await asyncio.wait_for(_full_pass_order(service, order, background=True), 0.2)
+        assert len(order) == 4
+    finally:
+        service._executor.shutdown(wait=True)
+        service.engine.dispose()
