@@ -158,11 +158,13 @@ class FleetService:
             # Every device, in parts like an edge: device messages queued for the database
             # thread meanwhile (a Last Will, acks) wait for one part, not for the whole
             # fleet (a 10,000-device pass in one transaction held them for seconds).
-            if background:
-                await self._after_edges()
+            # One deadline for the whole pass: it may wait at most a sweep interval in all.
+            until = time.monotonic() + self.settings.sweep_interval_s if background else None
+            if until is not None:
+                await self._after_edges(until)
             publish, every = await self.db(self._at_now, self.ops.begin_full_pass)
             await self.publish(publish)
-            await self._reconcile(every, full_pass=True, background=background)
+            await self._reconcile(every, full_pass=True, background_until=until)
         else:
             await self._reconcile(device_ids, edge=edge)
 
@@ -179,7 +181,7 @@ class FleetService:
         *,
         edge: bool = False,
         full_pass: bool = False,
-        background: bool = False,
+        background_until: float | None = None,
     ) -> None:
         """In parts of ``RECONCILE_PART`` devices (10,000 windows opening at 22:00), a
         transaction each, each part's commands published as soon as it is done, so the
@@ -198,8 +200,8 @@ class FleetService:
         parts = [list(p) for p in snapshot.chunks(device_ids, RECONCILE_PART)]
 
         async def part(ids: list[str]) -> Reconciled:
-            if background:
-                await self._after_edges()
+            if background_until is not None:
+                await self._after_edges(background_until)
             elif full_pass:
                 await self._no_edge.wait()
             return await self.db(self._at_now, self.ops.reconcile, ids)
@@ -305,22 +307,22 @@ class FleetService:
                 self._edge_done = time.monotonic()
                 self._no_edge.set()
 
-    async def _after_edges(self) -> None:
+    async def _after_edges(self, until: float) -> None:
         """A turn for background work (the sweep's full pass, the gauges): no edge being
-        reconciled, and after one, its acks and state reports applied (no device message
-        queued for ``SETTLE_QUIET_S``), but at most a sweep interval after the edge, so a
-        fleet whose messages never pause still gets its sweep. Real (monotonic) time: this
-        is about the machine's load, not the service's clock."""
+        reconciled, and within a sweep interval after one, its acks and state reports
+        applied (no device message queued for ``SETTLE_QUIET_S``); past ``until``
+        (monotonic) only the first, so a fleet whose edges and messages never pause still
+        gets its sweep. Real time: this is about the machine's load, not the service's clock."""
         cap = self.settings.sweep_interval_s
         settle = min(SETTLE_QUIET_S, cap / 10)
         while True:
             await self._no_edge.wait()
+            now = time.monotonic()
             inbound = self.ingest.inbound
             quiet = settle if inbound is None else inbound.quiet_for()
-            left = self._edge_done + cap - time.monotonic()
-            if left <= 0 or quiet >= settle:
+            if quiet >= settle or now >= until or now - self._edge_done >= cap:
                 return
-            await asyncio.sleep(min(left, settle - quiet))
+            await asyncio.sleep(min(until - now, settle - quiet))
 
     async def _on_presign(self, device_ids: list[str], at: float) -> None:
         """Sign a crowded edge's arms ahead (``Ledger.presign``), a part per database job
@@ -363,7 +365,8 @@ class FleetService:
         """Dashboard gauges from the database, on every replica (a standby too) and
         whatever the scheduler does: replicas export the same values, dashboards take max()."""
         while True:
-            await self._after_edges()  # a window start's arms and acks first; gauges can wait
+            # A window start's arms and acks first; gauges can wait (a sweep interval at most).
+            await self._after_edges(time.monotonic() + self.settings.sweep_interval_s)
             try:
                 now = self.clock()
                 await self.db(self.ops.refresh_gauges, now)

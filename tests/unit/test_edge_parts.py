@@ -136,7 +136,8 @@ async def test_the_sweep_after_an_edge_waits_until_its_acks_are_in(tmp_path: Pat
         await asyncio.wait_for(sweep, 2)
         assert order == ["full pass", "full pass"]
 
-        # Messages that never pause: the sweep still runs, a sweep interval after the edge.
+        # Messages that never pause: the sweep still runs, a sweep interval after it began
+        # to wait.
         inbound.quiet = 0.0
         service.settings.sweep_interval_s = 0.5
         await service._on_edge(["dev-e1"])
@@ -146,6 +147,21 @@ async def test_the_sweep_after_an_edge_waits_until_its_acks_are_in(tmp_path: Pat
         # Long after the edge it does not wait at all.
         await asyncio.wait_for(_full_pass_order(service, order, background=True), 0.2)
         assert len(order) == 4
+
+        # Edges that keep coming and messages that never pause: the sweep still waits no
+        # longer than a sweep interval from when it began to wait (never starved).
+        async def edges() -> None:
+            while True:
+                await service._on_edge(["dev-e1"])
+                await asyncio.sleep(0.05)
+
+        churn = asyncio.create_task(edges())
+        await asyncio.sleep(0.1)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(_full_pass_order(service, order, background=True), 3)
+        assert 0.4 <= asyncio.get_running_loop().time() - t0 < 1.5
+        churn.cancel()
+        assert len(order) == 5
     finally:
         service._executor.shutdown(wait=True)
         service.engine.dispose()
