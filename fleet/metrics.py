@@ -22,6 +22,7 @@ The full list, with meaning, is in ``docs/operations.md`` (generated from the ca
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -72,6 +73,24 @@ class _Counter(Counter):
 class _Histogram(Histogram):
     def labels(self, *values: Any, **kw: Any) -> _Histogram:
         return _remembered(self, values, kw)  # type: ignore[no-any-return]
+
+    def observe_many(self, amounts: Iterable[float]) -> None:
+        """``observe`` of each amount, counted per bucket first: a bucket's lock once per
+        call instead of once per amount. The liveness run observes every online device's
+        heartbeat age, 250,000 every 2 s at a country's scale (0.7 us each one by one, a
+        tenth of a core). Uses prometheus-client's own fields (pinned;
+        ``tests/unit/test_metrics.py`` checks the result against ``observe``)."""
+        self._raise_if_not_observable()  # type: ignore[no-untyped-call]
+        bounds = self._upper_bounds
+        counts = [0] * len(bounds)
+        total = 0.0
+        for amount in amounts:
+            counts[bisect.bisect_left(bounds, amount)] += 1  # the first bound >= amount
+            total += amount
+        self._sum.inc(total)
+        for bucket, n in zip(self._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
@@ -506,7 +525,7 @@ class FleetMetrics:
         owner: Owner,
         *,
         buckets: Sequence[float],
-    ) -> Histogram:
+    ) -> _Histogram:
         metric = _Histogram(name, help_, labels, buckets=buckets, registry=self.registry)
         return self._add(metric, name, "histogram", help_, labels, owner, ())
 

@@ -392,8 +392,7 @@ class FleetService:
         now = self.clock()
         self.metrics.scheduler_heartbeat.set(now)
         ages = self.liveness.ages()
-        for age in ages:
-            self.metrics.heartbeat_age.observe(age)
+        self.metrics.heartbeat_age.observe_many(ages)
         self.metrics.heartbeat_age_max.set(max(ages, default=0.0))
         # The fleet's own reading lag (a busy process, a burst) extends the threshold by as
         # much, up to the threshold itself: lagging longer than that, it is blind, and

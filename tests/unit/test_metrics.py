@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -109,6 +110,33 @@ def test_known_label_values_start_at_zero() -> None:
 def test_job_ids_become_job_types_without_device_ids() -> None:
     assert job_type("edge:dev-abc123") == "edge"
     assert job_type("sweep") == "sweep"
+
+
+def test_observe_many_is_observe_of_each() -> None:
+    """The liveness run's bulk observe gives exactly what observing one by one gives
+    (bucket edges included: a value equal to a bound falls in that bucket)."""
+    ages = [0.0, 4.9, 5.0, 5.1, 15.0, 29.99, 30.0, 45.5, 89.0, 120.0, 299.0, 301.0, 1e6]
+    one, many = FleetMetrics(CollectorRegistry()), FleetMetrics(CollectorRegistry())
+    for age in ages:
+        one.heartbeat_age.observe(age)
+    many.heartbeat_age.observe_many(ages)
+    many.heartbeat_age.observe_many([])
+    name = "tillsyn_heartbeat_age_seconds"
+    got = {s.name + str(s.labels): s.value for s in _samples(many.registry, name)}
+    want = {s.name + str(s.labels): s.value for s in _samples(one.registry, name)}
+    assert got == want
+    assert got[name + "_count{}"] == len(ages)
+    assert got[name + "_bucket{'le': '5.0'}"] == 3
+
+
+def _samples(registry: CollectorRegistry, name: str) -> list[Any]:
+    return [
+        s
+        for metric in registry.collect()
+        if metric.name == name
+        for s in metric.samples
+        if not s.name.endswith("_created")
+    ]
 
 
 def test_set_labelled_drops_values_that_disappeared() -> None:
