@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from sqlalchemy import case, func
@@ -26,9 +25,10 @@ from sqlmodel import Session, col, select
 from tillsyn_protocol import CameraHealth, LockState
 
 from .metrics import CERT_KINDS, VISIT_CAUSES, FleetMetrics, set_labelled
-from .models import Command, CommandStatus, Connectivity, Device, Visit, VisitStatus, Window
+from .models import Command, CommandStatus, Connectivity, Device, Visit, VisitStatus
 from .plan_models import ARMING_STATES, Check
-from .reconcile import LOCK_GRACE_S, window_spans
+from .reconcile import LOCK_GRACE_S, spans_of
+from .snapshot import WindowSpec, active_windows
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,11 @@ def schedules(session: Session, now: float) -> dict[str, Schedule]:
     raw: dict[str, list[tuple[float, float]]] = {}
     # Windows as tuples, their spans memoised per agreed time (thousands of devices share
     # a few): ORM objects and zoneinfo arithmetic per device were most of a refresh.
-    w = Window.__table__.c  # type: ignore[attr-defined]
-    stmt: Any = core_select(w.device_id, w.start_local, w.duration_s, w.tz, w.weekdays).where(
-        w.active
-    )
-    keys: dict[str, list[tuple[str, int, str, str]]] = {}
-    for device_id, start_local, duration_s, tz, weekdays in session.exec(stmt):
-        keys.setdefault(device_id, []).append((start_local, duration_s, tz, weekdays))
-    for device_id, key in keys.items():
-        raw[device_id] = [(s.start, s.end) for s in window_spans(tuple(key), now, hi)]
+    windows: dict[str, list[WindowSpec]] = {}
+    for device_id, spec in active_windows(session, None):
+        windows.setdefault(device_id, []).append(spec)
+    for device_id, specs in windows.items():
+        raw[device_id] = [(s.start, s.end) for s in spans_of(specs, (), now, hi)]
     arming = select(Check.device_id, Check.start_at, Check.end_at).where(
         col(Check.state).in_(ARMING_STATES),
         col(Check.device_id).is_not(None),

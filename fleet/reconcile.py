@@ -133,12 +133,6 @@ def spans_of(
     return _merged(_window_raw(key, lo, hi) + [Span(c.start_at, c.end_at, (c,)) for c in found])
 
 
-def window_spans(key: WindowKey, lo: float, hi: float) -> tuple[Span, ...]:
-    """Spans of windows alone (their ``(start_local, duration_s, tz, weekdays)``)
-    overlapping [lo, hi), merged, in order; memoised."""
-    return _window_spans(tuple(sorted(key)), lo, hi)
-
-
 @functools.lru_cache(maxsize=1024)
 def _window_spans(key: WindowKey, lo: float, hi: float) -> tuple[Span, ...]:
     """:func:`spans_of` of windows alone. Memoised: a reconcile pass decides every device

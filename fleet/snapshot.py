@@ -112,6 +112,19 @@ def rows(
         yield from session.exec(stmt.where(among(column, part)))
 
 
+def active_windows(session: Session, ids: Sequence[str] | None) -> Iterator[tuple[str, WindowSpec]]:
+    """(device id, window) of the active windows of these devices (``None``: all)."""
+    w = Window.__table__.c  # type: ignore[attr-defined]
+    # (Core columns: sqlmodel's select is typed for up to four)
+    stmt: Any = core_select(w.device_id, w.start_local, w.duration_s, w.tz, w.weekdays).where(
+        w.active
+    )
+    for device_id, start_local, duration_s, tz, weekdays in rows(
+        session, stmt, Window.device_id, ids
+    ):
+        yield device_id, WindowSpec(start_local, duration_s, tz, weekdays)
+
+
 def load(
     session: Session, device_ids: Sequence[str] | None, now: float, horizon_s: float
 ) -> dict[str, DeviceData]:
@@ -128,16 +141,9 @@ def load(
     ids = None if ids is None else list(data)
     if not data:
         return data
-    w = Window.__table__.c  # type: ignore[attr-defined]
-    # (Core columns: sqlmodel's select is typed for up to four)
-    stmt_w: Any = core_select(w.device_id, w.start_local, w.duration_s, w.tz, w.weekdays).where(
-        w.active
-    )
-    for device_id, start_local, duration_s, tz, weekdays in rows(
-        session, stmt_w, Window.device_id, ids
-    ):
-        if device_id in data:
-            data[device_id].windows.append(WindowSpec(start_local, duration_s, tz, weekdays))
+    for owner, spec in active_windows(session, ids):
+        if owner in data:
+            data[owner].windows.append(spec)
     stmt = select(Check).where(
         col(Check.state).in_(ARMING_STATES), Check.start_at < now + horizon_s
     )
